@@ -1,0 +1,19 @@
+"""steinops: fused kernel ops and Stein score estimators for score-based generative models.
+
+    import steinops
+    scores = steinops.stein_score(x)            # grad log q at the samples x (..., M, d)
+    scores = steinops.stein_score(x, query)     # ... at new points
+    Kv = steinops.kernel_matvec(x, y, v, kernel="rbf", bandwidth=1.0)   # K(x, y) @ v, never N x M
+"""
+from ._checks import set_value_checks
+from .estimators import SteinScoreEstimator, stein_score
+from .kernels import IMQ, RBF, KernelProfile, get_kernel
+from .ops import gram, kernel_matvec, stein_term
+from .ops.backends import BACKENDS, resolve as resolve_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec",
+    "resolve_backend", "set_value_checks", "stein_score", "stein_term",
+]

@@ -1,0 +1,95 @@
+"""Argument checks shared by the ops and the estimators.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong value) with the
+argument's name. Checks that read tensor VALUES (finiteness, positivity) force a device sync, so they
+are skipped while ``torch.compile`` traces and can be switched off with ``set_value_checks(False)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_VALUE_CHECKS = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the value checks (finite inputs, positive bandwidth) on or off globally."""
+    global _VALUE_CHECKS
+    _VALUE_CHECKS = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+
+
+def points(name: str, t, min_rows: int = 1, *, check_finite: bool = True) -> torch.Tensor:
+    """A floating tensor of shape (..., rows, features) (and finite values unless told otherwise)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., rows, features), got shape {tuple(t.shape)}")
+    if t.shape[-2] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows (points), got shape {tuple(t.shape)}")
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} has no features: shape {tuple(t.shape)}")
+    if check_finite:
+        finite(name, t)
+    return t
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    if value_checks_enabled() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def same_device(**tensors) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"all tensors must be on one device: {n} is on {d}, others on {first}")
+    return first
+
+
+def same_dtype(**tensors) -> torch.dtype:
+    dtypes = {n: t.dtype for n, t in tensors.items()}
+    first_name, first = next(iter(dtypes.items()))
+    for n, dt in dtypes.items():
+        if dt != first:
+            raise TypeError(f"{n} has dtype {dt} but {first_name} has {first}; cast them to one dtype")
+    return first
+
+
+def positive_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
+
+
+def bandwidth_tensor(bandwidth, batch_shape, like: torch.Tensor) -> torch.Tensor:
+    """The bandwidth as a tensor of shape ``batch_shape`` (a number, or a tensor broadcastable to it)."""
+    if isinstance(bandwidth, torch.Tensor):
+        if not bandwidth.is_floating_point():
+            raise TypeError(f"bandwidth must be a floating tensor, got {bandwidth.dtype}")
+        if bandwidth.device != like.device:
+            raise ValueError(f"bandwidth is on {bandwidth.device} but the points are on {like.device}")
+        try:
+            h = bandwidth.to(like.dtype).expand(batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"bandwidth of shape {tuple(bandwidth.shape)} does not broadcast to the batch shape {tuple(batch_shape)}"
+            ) from None
+        if value_checks_enabled() and not bool(((h > 0) & torch.isfinite(h)).all()):
+            raise ValueError("bandwidth must be positive and finite")
+        return h
+    if isinstance(bandwidth, str):
+        raise ValueError(f"the ops take a numeric bandwidth; got {bandwidth!r} (named heuristics belong to the estimators)")
+    h = positive_number("bandwidth", bandwidth)
+    return torch.full(batch_shape, h, dtype=like.dtype, device=like.device)

@@ -1,0 +1,185 @@
+"""The Stein gradient estimator (SGE; Li & Turner, ICLR 2018) of ``grad log q`` from samples of q.
+
+In-sample, at the samples ``x (..., M, d)``::
+
+    G = -(K + eta I)^{-1} S,   K_ij = k(x_i, x_j),   S_i = sum_j grad_{x_j} k(x_i, x_j)
+
+Out-of-sample, at queries ``z (..., N, d)``: Li & Turner's predictive rule, i.e. the row of the
+in-sample estimate one gets by appending z to the samples, in closed form and vectorised over all
+queries (``K_q = K(z, x)``, ``A = K_q (K + eta I)^{-1}``, ``W = (1 + A) o K_s(z, x)`` with ``K_s`` the
+Stein profile of the kernel, RBF itself or IMQ cubed)::
+
+    g(z) = -[ K_q G - (W x - rowsum(W) z) / h^2 ] / [ k(0) + eta - rowsum(A o K_q) ]
+
+Solvers: a Cholesky factorisation of the dense ``K + eta I`` (jitter escalation with a warning),
+or, for large M, matrix-free conjugate gradient on the fused kernel product (never M x M).
+
+Defaults (measured against exact scores; numbers in the README and in the docstring of
+``stein_score``): ``bandwidth = 2 * median pairwise distance`` and ``eta = 0.3``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks
+from ..bandwidth import select_bandwidth
+from ..kernels import get_kernel, stein_profile
+from ..ops.gram import gram
+from ..ops.stein_term import stein_term
+from ..solvers import cholesky_jitter
+from ._kernel_system import kernel_solve
+
+DEFAULT_ETA = 0.3
+SOLVERS = ("auto", "cholesky", "cg")
+# Dense solves up to this many Gram entries over the whole batch (2^27 floats: 0.5 GB in float32).
+DENSE_MAX_ENTRIES = 2**27
+# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
+QUERY_CHUNK_ENTRIES = 2**24
+
+
+def _eta_tensor(eta, batch_shape, like):
+    if isinstance(eta, str):
+        if eta.lower() != "auto":
+            raise ValueError(f"eta must be a positive number, a tensor, or 'auto'; got {eta!r}")
+        eta = DEFAULT_ETA
+    if isinstance(eta, torch.Tensor):
+        if not eta.is_floating_point():
+            raise TypeError(f"eta must be a floating tensor, got {eta.dtype}")
+        if _checks.value_checks_enabled() and not bool(((eta > 0) & torch.isfinite(eta)).all()):
+            raise ValueError("eta must be positive and finite")
+        try:
+            return eta.to(like).expand(batch_shape)
+        except RuntimeError:
+            raise ValueError(f"eta of shape {tuple(eta.shape)} does not broadcast to the batch shape {tuple(batch_shape)}") from None
+    return torch.full(batch_shape, _checks.positive_number("eta", eta), dtype=like.dtype, device=like.device)
+
+
+class SteinScoreEstimator:
+    """Stein gradient estimator with a fit-once / predict-many interface.
+
+    Args:
+        kernel: "rbf" or "imq".
+        bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
+            ("median": 2 x median distance, the default; "svgd": median / sqrt(2 log(M+1))).
+        eta: ridge regulariser > 0 (number or tensor of shape (...)), or "auto" (= 0.3).
+        solver: "cholesky" (dense, O(M^2) memory), "cg" (matrix-free conjugate gradient, O(M d)
+            memory), or "auto" (Cholesky while the batch's Gram matrices hold at most 2^27 entries).
+        cg_rtol, cg_max_iter: CG stopping rule (relative residual per column; 1e-4 in float32,
+            1e-8 in float64 by default) and iteration cap (a warning is raised when it is hit).
+        backend: backend of the fused ops (see ``steinops.ops.backends``).
+
+    After ``fit(x)``: ``scores_`` (..., M, d) in-sample estimates, ``bandwidth_`` and ``eta_`` (...).
+    """
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", eta="auto", solver="auto",
+                 cg_rtol: float | None = None, cg_max_iter: int | None = None, backend: str | None = None):
+        self.kernel = get_kernel(kernel)
+        if self.kernel.name not in ("rbf", "imq"):
+            raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
+        if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if isinstance(bandwidth, str):
+            select_bandwidth(torch.zeros(2, 1), bandwidth) if bandwidth.lower() not in ("median", "svgd") else None
+        elif not isinstance(bandwidth, torch.Tensor):
+            _checks.positive_number("bandwidth", bandwidth)
+        if not isinstance(eta, (str, torch.Tensor)):
+            _checks.positive_number("eta", eta)
+        elif isinstance(eta, str) and eta.lower() != "auto":
+            raise ValueError(f"eta must be a positive number, a tensor, or 'auto'; got {eta!r}")
+        self.bandwidth, self.eta, self.solver = bandwidth, eta, solver.lower()
+        self.cg_rtol, self.cg_max_iter, self.backend = cg_rtol, cg_max_iter, backend
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, x: torch.Tensor) -> "SteinScoreEstimator":
+        """Estimate the scores at the samples x (..., M, d) and keep what prediction needs."""
+        _checks.points("x", x, min_rows=2)
+        self._out_dtype = x.dtype
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        batch, M = xf.shape[:-2], xf.shape[-2]
+        h = select_bandwidth(xf, self.bandwidth)
+        h = _checks.bandwidth_tensor(h, batch, xf)
+        eta = _eta_tensor(self.eta, batch, xf)
+        solver = self.solver
+        if solver == "auto":
+            solver = "cholesky" if math.prod(batch) * M * M <= DENSE_MAX_ENTRIES else "cg"
+        self.solver_ = solver
+        # centre once: every quantity is translation invariant and centring avoids cancellation
+        self._centre = xf.detach().mean(-2, keepdim=True)
+        xc = xf - self._centre
+        if solver == "cholesky":
+            K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
+            A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
+            self._L = cholesky_jitter(A)
+            G = -torch.cholesky_solve(S, self._L)
+        else:
+            S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
+            G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend,
+                              rtol=self.cg_rtol, max_iter=self.cg_max_iter)
+        self._x, self._G = xc, G
+        self.bandwidth_, self.eta_ = h, eta
+        self.scores_ = G.to(self._out_dtype)
+        return self
+
+    def _solve(self, B):
+        if self.solver_ == "cholesky":
+            return torch.cholesky_solve(B, self._L)
+        return kernel_solve(self._x, B, self.bandwidth_, self.eta_, kernel=self.kernel, backend=self.backend,
+                            rtol=self.cg_rtol, max_iter=self.cg_max_iter)
+
+    # -------------------------------------------------------------- predict
+    def predict(self, query: torch.Tensor) -> torch.Tensor:
+        """Out-of-sample estimates at ``query`` (..., N, d) (batch dims broadcast with the fit's).
+
+        Equal to appending each query point to the samples and reading its in-sample estimate.
+        Processed in chunks of queries so memory stays O(chunk x M).
+        """
+        if not hasattr(self, "_G"):
+            raise RuntimeError("call fit(x) before predict(query)")
+        _checks.points("query", query, check_finite=False)
+        _checks.same_device(query=query, x=self._x)
+        _checks.finite("query", query)
+        if query.shape[-1] != self._x.shape[-1]:
+            raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
+        q = (query.to(self._x.dtype) - self._centre)
+        N, M = q.shape[-2], self._x.shape[-2]
+        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
+        out = [self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)]
+        return torch.cat(out, -2).to(self._out_dtype)
+
+    def _predict_chunk(self, z):
+        x, G, h, eta = self._x, self._G, self.bandwidth_, self.eta_
+        h2 = (h * h)[..., None, None]
+        Kq = gram(z, x, kernel=self.kernel, bandwidth=h, backend=self.backend)  # (..., n, M)
+        A = self._solve(Kq.transpose(-1, -2)).transpose(-1, -2)  # K_q (K + eta I)^{-1}
+        Ks = Kq if stein_profile(self.kernel).name == self.kernel.name else Kq**3
+        W = (1 + A) * Ks
+        num = Kq @ G - (W @ x - W.sum(-1, keepdim=True) * z) / h2
+        den = 1 + eta[..., None, None] - (A * Kq).sum(-1, keepdim=True)  # k(z, z) = 1 for RBF and IMQ
+        return -num / den
+
+
+def stein_score(x: torch.Tensor, query: torch.Tensor | None = None, *, kernel="rbf", bandwidth="median",
+                eta="auto", solver="auto", backend: str | None = None) -> torch.Tensor:
+    """Estimate ``grad log q`` from samples ``x (..., M, d)`` of an unknown q (Stein gradient estimator).
+
+    Returns the in-sample estimate ``-(K + eta I)^{-1} <grad, K>`` (..., M, d) when ``query`` is None,
+    else Li & Turner's out-of-sample estimate at ``query`` (..., N, d). Leading batch dims (e.g. one
+    sample set per noise level) are solved together. Differentiable with respect to x (and query);
+    under ``torch.no_grad`` nothing is stored for backward.
+
+    Defaults, chosen by measurement against exact scores (in-sample, float64, relative Fisher error
+    ``E|G - grad log q_sigma|^2 / E|grad log q_sigma|^2`` on 2-component Gaussian mixtures convolved
+    with N(0, sigma^2), d in {2, 10, 50}, sigma in {0.1, 1}, M in {128, 512, 2048}; script
+    ``benchmarks/hyperparameters.py``): ``bandwidth = 2 x median pairwise distance`` and ``eta = 0.3``
+    are within 1.3x of the best (bandwidth, eta) on a 6 x 8 grid on average, where the literature's
+    ``median / sqrt(2 log(M+1))`` with eta = 0.01 is 10-100x worse. See the README for the table.
+
+    Args:
+        kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
+        eta: number > 0, tensor (...) or "auto". solver: "auto", "cholesky" or "cg".
+        backend: backend of the fused ops ("auto", "cpu", "triton", "cuda", "reference").
+    """
+    est = SteinScoreEstimator(kernel, bandwidth=bandwidth, eta=eta, solver=solver, backend=backend).fit(x)
+    return est.scores_ if query is None else est.predict(query)
