@@ -1,11 +1,14 @@
-"""Shared test set-up. TRITON_INTERPRET must be set before anything imports triton, so the Triton
-kernels run on CPU tensors here (CI has no GPU)."""
+"""Shared test set-up. Without a GPU, TRITON_INTERPRET=1 is set before anything imports triton, so
+the Triton kernels run on CPU tensors (CI has no GPU). With a GPU they compile for it; set
+TRITON_INTERPRET=1 yourself to test the interpreter path there too."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from steinops.ops import backends  # noqa: E402
 

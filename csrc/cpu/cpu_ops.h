@@ -16,7 +16,7 @@ namespace cpu {
 // points, so nothing of size N x M is ever allocated (gram_forward writes its N x M output).
 constexpr int kTN = 32;   // rows per tile (multiple of the 4-row register blocks)
 constexpr int kTM = 256;  // columns per tile (multiple of every register block width, 64 floats)
-constexpr int kKC = 128;  // feature-dimension chunk of the distance / dot-product tiles (L1/L2 blocking)
+constexpr int kKC = 64;   // feature chunk of the distance / dot tiles: cache blocking and blocked summation
 constexpr int kSmallF = 16;  // right-hand sides up to this width use the transposed (reduction) product
 constexpr int kPad = 16;     // row widths of packed buffers are padded to a multiple of this
 

@@ -126,6 +126,29 @@ STEINOPS_ALWAYS_INLINE V exp_poly(V x) {
   return res;
 }
 
+// e^x for x <= 0 (or NaN): the kernels' argument coef * r2 with coef = -1/(2h^2) <= 0, r2 >= 0.
+// Cheaper than exp_poly (no overflow branch; `x > lo ? x : lo` is a single max instruction):
+// below the normal range -> 0, NaN -> NaN. Positive x must not be passed.
+template <class T, class V, class I>
+STEINOPS_ALWAYS_INLINE V exp_poly_nonpos(V x) {
+  using C = ExpConst<T>;
+  using Int = typename C::Int;
+  const V lo = splat<V>(C::lo);
+  const V xc = x > lo ? x : lo;  // NaN -> lo, fixed up at the end
+  const V magic = splat<V>(C::magic);
+  const V t = xc * C::log2e + magic;
+  const V n = t - magic;
+  V r = xc - n * C::ln2_hi;
+  r = r - n * C::ln2_lo;
+  const V p = C::template expm_poly<V>(r);
+  const I ni = bit_cast<I>(t) - splat<I>(bit_cast<Int>(C::magic));
+  const I ebits = (ni + splat<I>(C::bias)) << C::shift;
+  V res = p * bit_cast<V>(ebits);
+  res = x < lo ? splat<V>(T(0)) : res;
+  res = x != x ? x : res;
+  return res;
+}
+
 // Scalar helpers (reference / documentation; the tiles use the vector forms).
 template <class T>
 STEINOPS_ALWAYS_INLINE T exp_poly(T x) {

@@ -88,7 +88,7 @@ void pair_tile(const T* A, int64_t lda, const T* BT, T* R, int64_t k0, int64_t k
 #pragma GCC unroll 4
       for (int i = 0; i < kRB; ++i)
 #pragma GCC unroll 4
-        for (int c = 0; c < kCB; ++c) acc[i][c] = accum ? vload<V>(r + i * kTM + c * W) : V{};
+        for (int c = 0; c < kCB; ++c) acc[i][c] = V{};
       for (int64_t k = k0; k < k1; ++k) {
         V b[kCB];
 #pragma GCC unroll 4
@@ -110,7 +110,11 @@ void pair_tile(const T* A, int64_t lda, const T* BT, T* R, int64_t k0, int64_t k
 #pragma GCC unroll 4
       for (int i = 0; i < kRB; ++i)
 #pragma GCC unroll 4
-        for (int c = 0; c < kCB; ++c) vstore(r + i * kTM + c * W, acc[i][c]);
+        for (int c = 0; c < kCB; ++c) {
+          // chunk sums are added at the end (blocked summation: float32 error grows with kKC + K/kKC, not K)
+          if (accum) acc[i][c] += vload<V>(r + i * kTM + c * W);
+          vstore(r + i * kTM + c * W, acc[i][c]);
+        }
     }
   }
 }
@@ -141,7 +145,7 @@ void kernel_values(T* R, int nrows, int nv, T coef) {
       const V r2 = vload<V>(r + j * W);
       V k;
       if (KID == kRBF) {
-        k = exp_poly<T, V, I>(r2 * coef);
+        k = exp_poly_nonpos<T, V, I>(r2 * coef);
       } else {
         k = splat<V>(T(1)) / vsqrt(r2 * coef + T(1));
       }
@@ -163,7 +167,7 @@ void kernel_derivs_times(T* R, const T* G, int nrows, int nv, T coef) {
       const V r2 = vload<V>(r + j * W);
       V k;
       if (KID == kRBF) {
-        k = exp_poly<T, V, I>(r2 * coef);
+        k = exp_poly_nonpos<T, V, I>(r2 * coef);
       } else {
         k = splat<V>(T(1)) / vsqrt(r2 * coef + T(1));
       }

@@ -88,9 +88,21 @@ def _ref_call(fn, *args, kid):
     return fn(*args, kernel_by_id(kid).name)
 
 
+# kernel ids the CUDA kernel product was written for; others (IMQ cubed) go to Triton
+_CUDA_KERNEL_IDS = (0, 1)
+
+
+def _beyond_cuda(name):
+    """The CUDA extension has only the forward kernel product: other ops run on Triton (or PyTorch)."""
+    if name != "cuda":
+        return name
+    return "triton" if triton_available() else "reference"
+
+
 def kmv_forward(name, x, y, v, h, kid):
-    if name == "cpu" or name == "cuda":
+    if name == "cpu" or (name == "cuda" and kid in _CUDA_KERNEL_IDS):
         return torch.ops.steinops_C.kmv_forward(x, y, v, h, kid)
+    name = _beyond_cuda(name)
     if name == "triton":
         from ._triton import kernel_matvec as tk
         return tk.kmv_forward(x, y, v, h, kid)
@@ -100,7 +112,8 @@ def kmv_forward(name, x, y, v, h, kid):
 def kmv_xgrad(name, x, y, v, g, h, kid):
     if name == "cpu":
         return torch.ops.steinops_C.kmv_xgrad(x, y, v, g, h, kid)
-    if name in ("triton", "cuda"):
+    name = _beyond_cuda(name)
+    if name == "triton":
         from ._triton import kernel_matvec as tk
         return tk.kmv_xgrad(x, y, v, g, h, kid)
     return _ref_call(reference.kmv_xgrad, x, y, v, g, h, kid=kid)
@@ -109,7 +122,8 @@ def kmv_xgrad(name, x, y, v, g, h, kid):
 def gram_forward(name, x, y, h, kid, stein):
     if name == "cpu":
         return torch.ops.steinops_C.gram_forward(x, y, h, kid, stein)
-    if name in ("triton", "cuda"):
+    name = _beyond_cuda(name)
+    if name == "triton":
         from ._triton import gram as tg
         return tg.gram_forward(x, y, h, kid, stein)
     return reference.gram_forward(x, y, h, kernel_by_id(kid).name, stein)

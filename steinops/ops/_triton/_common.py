@@ -6,6 +6,7 @@ Every kernel in this package works on one (BLOCK_N, BLOCK_M) tile of the pairwis
     r2 = |x|^2 + |y|^2 - 2 x.y          x.y by tl.dot over d in BLOCK_D chunks, clamped at 0
     RBF  k = exp(-r2 / (2 h^2))   = exp2(r2 * (-log2(e) / (2 h^2)))       k' = -k / (2 h^2)
     IMQ  k = rsqrt(1 + r2 / h^2)                                          k' = -k^3 / (2 h^2)
+    IMQ3 k = rsqrt(1 + r2 / h^2)^3   (id 2; the Stein profile of IMQ)      k' = -3 k^(5/3) / (2 h^2)
 
 The caller centres x and y (translation invariance), which keeps the dot form of r2 accurate.
 """
@@ -28,9 +29,6 @@ def _probe():
 INTERPRET = type(_probe).__name__ == "InterpretedFunction"
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-RBF: tl.constexpr = tl.constexpr(0)
-IMQ: tl.constexpr = tl.constexpr(1)
 
 # Block sizes of the loops whose extent is a data dimension (d or E). They are chosen by the
 # launcher from the problem (tl.dot needs >= 16; no point in a 128-wide tile for E = 1), the tile
@@ -85,8 +83,8 @@ def dtypes_for(x: torch.Tensor):
       drops to TF32 (10-bit mantissa would wreck the cancellation in |x|^2 + |y|^2 - 2 x.y); 16-bit
       inputs are multiplied natively with exact products and float32 accumulation.
     KV_PREC: precision of (kernel tile) @ (v or y), both in ACC. IEEE for float32/float64; for half
-      inputs TF32 on NVIDIA: v and y convert to TF32 exactly and rounding k to 11 bits is below the
-      precision of the float16/bfloat16 output, at tensor-core speed.
+      inputs TF32 on NVIDIA, at tensor-core speed: v and y convert to TF32 exactly, and rounding k
+      to TF32's 11 significant bits matches the float16 output's own rounding (bfloat16 has 8).
     """
     cls = _dtype_class(x.dtype)
     acc = tl.float64 if cls == "f64" else tl.float32
@@ -98,8 +96,8 @@ def dtypes_for(x: torch.Tensor):
 
 def check_kernel_id(kernel: int) -> int:
     kernel = int(kernel)
-    if kernel not in (0, 1):
-        raise ValueError(f"kernel id must be 0 (rbf) or 1 (imq), got {kernel}")
+    if kernel not in (0, 1, 2):
+        raise ValueError(f"kernel id must be 0 (rbf), 1 (imq) or 2 (imq3), got {kernel}")
     return kernel
 
 
@@ -115,10 +113,10 @@ def interp_meta() -> dict:
     return dict(BLOCK_N=INTERP_BLOCK_N, BLOCK_M=INTERP_BLOCK_M) if INTERPRET else {}
 
 
-def point_tile_configs(f64_friendly: bool = True):
-    """Candidate (BLOCK_N, BLOCK_M) tiles. Small ones matter for small N (more programs in flight)
-    and for float64 (register and shared-memory pressure); configs that do not fit are skipped by
-    the autotuner."""
+def point_tile_configs():
+    """Candidate (BLOCK_N, BLOCK_M, warps, stages). Small tiles matter for small N (more programs in
+    flight) and for float64 (register and shared-memory pressure); configs that do not fit are
+    skipped by the autotuner."""
     shapes = [
         (128, 64, 8, 3),
         (128, 32, 4, 3),
@@ -126,9 +124,8 @@ def point_tile_configs(f64_friendly: bool = True):
         (64, 32, 4, 2),
         (32, 64, 4, 2),
         (32, 32, 4, 2),
+        (16, 32, 2, 2),
     ]
-    if f64_friendly:
-        shapes.append((16, 32, 2, 2))
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
         for bn, bm, w, s in shapes
@@ -176,7 +173,17 @@ def kernel_consts(h_ptr, b, ACC: tl.constexpr):
 
 
 @triton.jit
+def _inv_sqrt(t, ACC: tl.constexpr):
+    if ACC == tl.float64:
+        r = 1.0 / tl.sqrt(t)  # sqrt and division are correctly rounded in float64; rsqrt need not be
+    else:
+        r = tl.rsqrt(t)
+    return r
+
+
+@triton.jit
 def kernel_value(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
+    """k(r2) for kernel id KERNEL (0 RBF, 1 IMQ, 2 IMQ^3), in ACC."""
     if KERNEL == 0:
         if ACC == tl.float64:
             # a Python float constant is float32 in Triton: keep log2(e) out of the float64 path
@@ -184,22 +191,31 @@ def kernel_value(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
         else:
             k = tl.exp2(r2 * (-LOG2E * inv_2h2))
     else:
-        t = 1.0 + r2 * inv_h2
-        if ACC == tl.float64:
-            k = 1.0 / tl.sqrt(t)  # sqrt/div are correctly rounded in float64; rsqrt need not be
+        s = _inv_sqrt(1.0 + r2 * inv_h2, ACC)
+        if KERNEL == 1:
+            k = s
         else:
-            k = tl.rsqrt(t)
+            k = s * s * s
     return k
 
 
 @triton.jit
-def kernel_deriv_from_value(k, inv_2h2, KERNEL: tl.constexpr):
-    """dk/dr2 from k: RBF -k/(2h^2), IMQ -k^3/(2h^2)."""
+def kernel_value_and_deriv(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
+    """(k, dk/dr2): RBF (k, -k/(2h^2)), IMQ (s, -s^3/(2h^2)), IMQ^3 (s^3, -3 s^5/(2h^2)),
+    with s = (1 + r2/h^2)^(-1/2)."""
     if KERNEL == 0:
+        k = kernel_value(r2, inv_h2, inv_2h2, KERNEL, ACC)
         kp = -k * inv_2h2
     else:
-        kp = -(k * k * k) * inv_2h2
-    return kp
+        s = _inv_sqrt(1.0 + r2 * inv_h2, ACC)
+        s2 = s * s
+        if KERNEL == 1:
+            k = s
+            kp = -(s2 * s) * inv_2h2
+        else:
+            k = s2 * s
+            kp = -3.0 * (k * s2) * inv_2h2
+    return k, kp
 
 
 def launch(kernel_fn, B: int, N: int, n_feature_chunks: int, args, meta: dict) -> None:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import kernel_consts, kernel_deriv_from_value, kernel_value, sqdist_tile
+from ._common import kernel_consts, kernel_value, kernel_value_and_deriv, sqdist_tile
 
 INTERPRET = C.INTERPRET
 
@@ -64,12 +64,15 @@ def _gram_kernel(
         mask_m = offs_m < M
         r2 = sqdist_tile(x_base, y_base, offs_n, offs_m, mask_n, mask_m, D,
                          BLOCK_N, BLOCK_M, BLOCK_D, ACC, XY_PREC)
-        k = kernel_value(r2, inv_h2, inv_2h2, KERNEL, ACC)
+        if STEIN:
+            k, kp = kernel_value_and_deriv(r2, inv_h2, inv_2h2, KERNEL, ACC)
+        else:
+            k = kernel_value(r2, inv_h2, inv_2h2, KERNEL, ACC)
         tl.store(k_base + rows_n * M + offs_m[None, :], k.to(k_ptr.dtype.element_ty),
                  mask=mask_nk[:, None] & mask_m[None, :])
         if STEIN:
             # padded samples (y loaded as 0) must not enter the sums
-            kp = tl.where(mask_m[None, :], kernel_deriv_from_value(k, inv_2h2, KERNEL), 0.0)
+            kp = tl.where(mask_m[None, :], kp, 0.0)
             rowsum += tl.sum(kp, axis=1)
             yt = tl.load(y_base + offs_m.to(tl.int64)[:, None] * D + offs_f[None, :],
                          mask=mask_m[:, None] & mask_f[None, :], other=0.0).to(ACC)
@@ -87,7 +90,7 @@ def _gram_kernel(
 def gram_forward(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, kernel: int, stein: bool):
     """``K[b, n, m] = k(|x[b,n] - y[b,m]|^2; h[b])`` (B, N, M) and, if ``stein``,
     ``S[b, n] = 2 sum_m k'(r2_nm) (y_m - x_n)`` (B, N, d); otherwise S is an empty tensor.
-    x (B,N,d), y (B,M,d), h (B,); outputs in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ."""
+    x (B,N,d), y (B,M,d), h (B,); outputs in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
     kernel = C.check_kernel_id(kernel)
     stein = bool(stein)
     B, N, D = x.shape

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import kernel_consts, kernel_deriv_from_value, kernel_value, sqdist_tile
+from ._common import kernel_consts, kernel_value, kernel_value_and_deriv, sqdist_tile
 
 INTERPRET = C.INTERPRET
 
@@ -110,7 +110,7 @@ def _kmv_xgrad_kernel(
         rows_m = offs_m.to(tl.int64)
         r2 = sqdist_tile(x_base, y_base, offs_n, offs_m, mask_n, mask_m, D,
                          BLOCK_N, BLOCK_M, BLOCK_D, ACC, XY_PREC)
-        kp = kernel_deriv_from_value(kernel_value(r2, inv_h2, inv_2h2, KERNEL, ACC), inv_2h2, KERNEL)
+        _, kp = kernel_value_and_deriv(r2, inv_h2, inv_2h2, KERNEL, ACC)
 
         # g_n . v_m for the tile, a second small matmul over E (v read transposed)
         gv = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
@@ -138,7 +138,7 @@ def _kmv_xgrad_kernel(
 @C.interpreter_bf16_fallback
 def kmv_forward(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, h: torch.Tensor, kernel: int) -> torch.Tensor:
     """``out[b, n] = sum_m k(|x[b,n] - y[b,m]|^2; h[b]) v[b, m]``: x (B,N,d), y (B,M,d), v (B,M,E), h (B,)
-    -> (B, N, E) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ."""
+    -> (B, N, E) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
     kernel = C.check_kernel_id(kernel)
     B, N, D = x.shape
     M, E = y.shape[1], v.shape[2]
@@ -157,7 +157,7 @@ def kmv_forward(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, h: torch.Tens
 def kmv_xgrad(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
               kernel: int) -> torch.Tensor:
     """``dx[b, n] = 2 sum_m k'(r2_nm) (g_n . v_m) (x_n - y_m)``: x (B,N,d), y (B,M,d), v (B,M,E),
-    g (B,N,E), h (B,) -> (B, N, d) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ."""
+    g (B,N,E), h (B,) -> (B, N, d) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
     kernel = C.check_kernel_id(kernel)
     B, N, D = x.shape
     M, E = y.shape[1], v.shape[2]
