@@ -517,6 +517,15 @@ def git_revision() -> str | None:
     return (rev + ("-dirty" if dirty else "")) or None
 
 
+def busy_warning(info: dict) -> str | None:
+    """A warning when other processes already keep a good part of the CPUs busy."""
+    load, cpus = info["loadavg_at_start"], info["cpu_affinity"] or info["cpu_count"] or 1
+    if load is None or load[0] <= max(0.5, 0.25 * cpus):
+        return None
+    return (f"  warning: load average {load[0]:.1f} on {cpus} CPUs before the start; timings will be noisy "
+            "(compare min ms with ms)")
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
@@ -535,8 +544,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (op, M, d, E, method)."""
-    head = (f"{'op':<11}{'M=N':>8}{'d':>6}{'E':>4}  {'method':<14}{'ms':>11}{'speedup':>9}{'peak MB':>11}"
+    """One line per (op, M, d, E, method): median and fastest time, speed-up of the median over naive."""
+    head = (f"{'op':<11}{'M=N':>8}{'d':>6}{'E':>4}  {'method':<14}{'ms':>11}{'min ms':>11}{'speedup':>9}{'peak MB':>9}"
             f"{'dense MB':>10}{'rel err':>10}  status")
     lines = [head, "-" * len(head)]
     prev = None
@@ -548,8 +557,8 @@ def table(rows: list[dict]) -> str:
         mb = lambda b: fmt(None if b is None else b / 2**20, ".1f")  # noqa: E731
         lines.append(
             f"{r['op']:<11}{r['M']:>8}{r['d']:>6}{fmt(r['E'], 'd'):>4}  {r['method']:<14}"
-            f"{fmt(r.get('ms'), '.3f'):>11}{fmt(r.get('speedup'), '.2f') + ('x' if r.get('speedup') else ''):>9}"
-            f"{mb(r.get('peak_bytes')):>11}{mb(r['dense_bytes']):>10}{fmt(r.get('rel_err'), '.1e'):>10}  "
+            f"{fmt(r.get('ms'), '.3f'):>11}{fmt(r.get('ms_min'), '.3f'):>11}"
+            f"{fmt(r.get('speedup'), '.2f') + ('x' if r.get('speedup') else ''):>9}{mb(r.get('peak_bytes')):>9}{mb(r['dense_bytes']):>10}{fmt(r.get('rel_err'), '.1e'):>10}  "
             f"{r['status']}{('  ' + r['note']) if r['note'] else ''}"
         )
     return "\n".join(lines)
@@ -688,6 +697,9 @@ def main(argv=None) -> int:
           f"{', '.join(m.name for m in methods)}; repeats {args.repeats}, warmup {args.warmup}")
     for name, why in notes.items():
         print(f"  skipped {name}: {why}")
+    busy = busy_warning(info)
+    if busy:
+        print(busy)
 
     clock = CudaClock(args.device) if args.device.type == "cuda" else CpuClock()
     bar = tqdm(total=len(cases), unit="case", file=sys.stderr) if tqdm else None

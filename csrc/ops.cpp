@@ -38,7 +38,8 @@ void check_same_dtype(const char* op, const char* name, const at::Tensor& t, con
 }
 
 void check_kernel(const char* op, int64_t kernel) {
-  TORCH_CHECK(kernel == 0 || kernel == 1, op, ": kernel id must be 0 (rbf) or 1 (imq), got ", kernel);
+  TORCH_CHECK(kernel == 0 || kernel == 1 || kernel == 2, op,
+              ": kernel id must be 0 (rbf), 1 (imq) or 2 (imq cubed), got ", kernel);
 }
 
 // Checks x (B,N,d), y (B,M,d), h (B,) and the kernel id; returns h made contiguous.

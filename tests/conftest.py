@@ -28,8 +28,19 @@ def _seed():
     torch.manual_seed(1234)
 
 
-def poison_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(t, float("nan"))
+@pytest.fixture
+def poison_uninitialized_memory():
+    """Every uninitialised allocation (torch.empty in Python, at::empty in C++) is filled with NaN
+    (torch's deterministic mode fills uninitialised memory), so an output element a kernel forgets to
+    write, or a scratch buffer it reads before writing, shows up as NaN."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4)).all()
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 def relative_fisher_error(est: torch.Tensor, exact: torch.Tensor) -> float:

@@ -8,6 +8,8 @@ from steinops.ops import reference
 
 from conftest import cpu_backends
 
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
+
 BACKENDS = cpu_backends()
 KERNELS = ["rbf", "imq"]
 # per-dtype tolerances relative to the output scale

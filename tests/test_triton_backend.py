@@ -125,6 +125,7 @@ def _check_all(B, N, M, d, E, dtype, device, kid, kname):
 
 
 @cpu_interpreter
+@pytest.mark.usefixtures("poison_uninitialized_memory")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("kid,kname", KERNELS, ids=[k for _, k in KERNELS])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}N{}M{}d{}E{}".format(*c))

@@ -23,10 +23,13 @@ void gram_task_k(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
     const ColGeom cg = col_geom<T>(ct, M);
     const T* yT = p.yT + (tg.b * p.nct + ct) * d * kTM;
     pair_tile_full<T, true>(ws.xbuf, d, yT, ws.R, d, tg.nrb, cg.ncb);
-    kernel_values<T, KID>(ws.R, tg.tnp, cg.nv, coef);
+    if (p.stein) {
+      kernel_values_derivs<T, KID>(ws.R, ws.G, tg.tnp, cg.nv, cg.tm, coef);
+    } else {
+      kernel_values<T, KID>(ws.R, tg.tnp, cg.nv, coef);
+    }
     for (int i = 0; i < tg.tn; ++i) std::memcpy(Kout + i * M + cg.m0, ws.R + i * kTM, sizeof(T) * cg.tm);
     if (p.stein) {
-      kernel_derivs_from_values<T, KID>(ws.R, ws.G, tg.tnp, cg.nv, cg.tm, coef);
       row_sums<T>(ws.G, tg.tnp, cg.nv, ws.rs);
       if (small) {
         acc_small<T>(ws.G, yT, tg.tnp, cg.nv, ws.acc, (int)d);
@@ -47,10 +50,17 @@ void gram_task_k(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
 
 template <class T>
 void gram_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
-  if (p.kernel == kRBF)
-    gram_task_k<T, kRBF>(p, task, ws);
-  else
-    gram_task_k<T, kIMQ>(p, task, ws);
+  switch (p.kernel) {
+    case kRBF:
+      gram_task_k<T, kRBF>(p, task, ws);
+      break;
+    case kIMQ:
+      gram_task_k<T, kIMQ>(p, task, ws);
+      break;
+    default:
+      gram_task_k<T, kIMQ3>(p, task, ws);
+      break;
+  }
 }
 
 template void gram_task<float>(const Problem<float>&, int64_t, const Workspace<float>&);

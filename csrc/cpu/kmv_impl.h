@@ -32,10 +32,17 @@ void kmv_forward_task_k(const Problem<T>& p, int64_t task, const Workspace<T>& w
 
 template <class T>
 void kmv_forward_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
-  if (p.kernel == kRBF)
-    kmv_forward_task_k<T, kRBF>(p, task, ws);
-  else
-    kmv_forward_task_k<T, kIMQ>(p, task, ws);
+  switch (p.kernel) {
+    case kRBF:
+      kmv_forward_task_k<T, kRBF>(p, task, ws);
+      break;
+    case kIMQ:
+      kmv_forward_task_k<T, kIMQ>(p, task, ws);
+      break;
+    default:
+      kmv_forward_task_k<T, kIMQ3>(p, task, ws);
+      break;
+  }
 }
 
 template <class T, int KID>
@@ -74,10 +81,17 @@ void kmv_xgrad_task_k(const Problem<T>& p, int64_t task, const Workspace<T>& ws)
 
 template <class T>
 void kmv_xgrad_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
-  if (p.kernel == kRBF)
-    kmv_xgrad_task_k<T, kRBF>(p, task, ws);
-  else
-    kmv_xgrad_task_k<T, kIMQ>(p, task, ws);
+  switch (p.kernel) {
+    case kRBF:
+      kmv_xgrad_task_k<T, kRBF>(p, task, ws);
+      break;
+    case kIMQ:
+      kmv_xgrad_task_k<T, kIMQ>(p, task, ws);
+      break;
+    default:
+      kmv_xgrad_task_k<T, kIMQ3>(p, task, ws);
+      break;
+  }
 }
 
 template void kmv_forward_task<float>(const Problem<float>&, int64_t, const Workspace<float>&);

@@ -9,6 +9,9 @@
 // with the accumulators kept in registers over the whole reduction (GCC vector extensions, so
 // the code is identical for every ISA and the compiler emits SSE2 / AVX2+FMA / AVX-512).
 
+// k(r2), exp, broadcasts, ... compiled for this instruction set (see the note in kernel_math.h)
+#include "cpu/kernel_math.h"
+
 namespace steinops {
 namespace cpu {
 namespace STEINOPS_ISA_NS {
@@ -133,6 +136,13 @@ void pair_tile_full(const T* A, int64_t lda, const T* BT, T* R, int64_t K, int n
 }
 
 // ---- elementwise kernel values ------------------------------------------------------------
+struct VSqrt {
+  template <class V>
+  STEINOPS_ALWAYS_INLINE V operator()(V v) const {
+    return vsqrt(v);
+  }
+};
+
 // R[i][j] <- k(R[i][j]) for rows < nrows, vectors < nv; coef from kernel_coef().
 template <class T, int KID>
 void kernel_values(T* R, int nrows, int nv, T coef) {
@@ -141,16 +151,7 @@ void kernel_values(T* R, int nrows, int nv, T coef) {
   constexpr int W = Vec<T>::W;
   for (int i = 0; i < nrows; ++i) {
     T* r = R + (int64_t)i * kTM;
-    for (int j = 0; j < nv; ++j) {
-      const V r2 = vload<V>(r + j * W);
-      V k;
-      if (KID == kRBF) {
-        k = exp_poly_nonpos<T, V, I>(r2 * coef);
-      } else {
-        k = splat<V>(T(1)) / vsqrt(r2 * coef + T(1));
-      }
-      vstore(r + j * W, k);
-    }
+    for (int j = 0; j < nv; ++j) vstore(r + j * W, kernel_value<KID, T, V, I>(vload<V>(r + j * W), coef, VSqrt{}));
   }
 }
 
@@ -164,27 +165,27 @@ void kernel_derivs_times(T* R, const T* G, int nrows, int nv, T coef) {
     T* r = R + (int64_t)i * kTM;
     const T* gg = G + (int64_t)i * kTM;
     for (int j = 0; j < nv; ++j) {
-      const V r2 = vload<V>(r + j * W);
-      V k;
-      if (KID == kRBF) {
-        k = exp_poly_nonpos<T, V, I>(r2 * coef);
-      } else {
-        k = splat<V>(T(1)) / vsqrt(r2 * coef + T(1));
-      }
-      vstore(r + j * W, kernel_deriv_from_value<KID>(k, coef) * vload<V>(gg + j * W));
+      const V kp = kernel_deriv<KID, T, V, I>(vload<V>(r + j * W), coef, VSqrt{});
+      vstore(r + j * W, kp * vload<V>(gg + j * W));
     }
   }
 }
 
-// D[i][j] <- k'(from K[i][j]) for j < tm, 0 for tm <= j < nv*W.
+// R[i][j] <- k(R[i][j]) and D[i][j] <- k'(R[i][j]) for j < tm, D = 0 for tm <= j < nv*W.
 template <class T, int KID>
-void kernel_derivs_from_values(const T* K, T* D, int nrows, int nv, int tm, T coef) {
+void kernel_values_derivs(T* R, T* D, int nrows, int nv, int tm, T coef) {
   using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
   constexpr int W = Vec<T>::W;
   for (int i = 0; i < nrows; ++i) {
-    const T* k = K + (int64_t)i * kTM;
+    T* r = R + (int64_t)i * kTM;
     T* dd = D + (int64_t)i * kTM;
-    for (int j = 0; j < nv; ++j) vstore(dd + j * W, kernel_deriv_from_value<KID>(vload<V>(k + j * W), coef));
+    for (int j = 0; j < nv; ++j) {
+      V k, kp;
+      kernel_value_deriv<KID, T, V, I>(vload<V>(r + j * W), coef, VSqrt{}, k, kp);
+      vstore(r + j * W, k);
+      vstore(dd + j * W, kp);
+    }
     for (int j = tm; j < nv * W; ++j) dd[j] = T(0);
   }
 }
@@ -248,43 +249,55 @@ void acc_small(const T* P, const T* WT, int nrows, int nv, T* acc, int F) {
 
 // ---- product with a wide right-hand side: acc[i][f] += sum_{j<tm} P[i][j] Wm[j][f]
 // Wm: rows of width ldw (= Fp, a multiple of every W) starting at the tile's first column.
-template <class T, int CE>
-STEINOPS_ALWAYS_INLINE void acc_large_block(const T* P, const T* Wm, int64_t ldw, int tm, T* acc, int64_t lda, int i0,
-                                            int64_t f0) {
+// Register block RI rows x CE vectors; j is chunked so the Wm slice in use stays in L1.
+template <class T, int RI, int CE>
+STEINOPS_ALWAYS_INLINE void acc_large_block(const T* P, const T* Wm, int64_t ldw, int j0, int j1, T* acc,
+                                            int64_t lda, int i0, int64_t f0) {
   using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
-  V a[kRB][CE];
-#pragma GCC unroll 4
-  for (int r = 0; r < kRB; ++r)
+  V a[RI][CE];
+#pragma GCC unroll 8
+  for (int r = 0; r < RI; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < CE; ++c) a[r][c] = vload<V>(acc + (int64_t)(i0 + r) * lda + f0 + c * W);
   const T* p = P + (int64_t)i0 * kTM;
-  for (int j = 0; j < tm; ++j) {
+  for (int j = j0; j < j1; ++j) {
     V w[CE];
 #pragma GCC unroll 4
     for (int c = 0; c < CE; ++c) w[c] = vload<V>(Wm + (int64_t)j * ldw + f0 + c * W);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRB; ++r) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RI; ++r) {
       const V pr = splat<V>(p[r * kTM + j]);
 #pragma GCC unroll 4
       for (int c = 0; c < CE; ++c) a[r][c] += pr * w[c];
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < kRB; ++r)
+#pragma GCC unroll 8
+  for (int r = 0; r < RI; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < CE; ++c) vstore(acc + (int64_t)(i0 + r) * lda + f0 + c * W, a[r][c]);
+}
+
+template <class T, int CE>
+STEINOPS_ALWAYS_INLINE void acc_large_rows(const T* P, const T* Wm, int64_t Fp, int j0, int j1, T* acc, int nrows,
+                                           int64_t f) {
+  constexpr int RI = STEINOPS_NREGS >= 32 ? 8 : 4;
+  int i0 = 0;
+  for (; i0 + RI <= nrows; i0 += RI) acc_large_block<T, RI, CE>(P, Wm, Fp, j0, j1, acc, Fp, i0, f);
+  for (; i0 < nrows; i0 += kRB) acc_large_block<T, kRB, CE>(P, Wm, Fp, j0, j1, acc, Fp, i0, f);
 }
 
 template <class T>
 void acc_large(const T* P, const T* Wm, int64_t Fp, int tm, T* acc, int nrows) {
   constexpr int W = Vec<T>::W;
-  constexpr int CE = STEINOPS_NREGS >= 32 ? 4 : 2;
-  int64_t f = 0;
-  for (; f + CE * W <= Fp; f += CE * W)
-    for (int i0 = 0; i0 < nrows; i0 += kRB) acc_large_block<T, CE>(P, Wm, Fp, tm, acc, Fp, i0, f);
-  for (; f < Fp; f += W)
-    for (int i0 = 0; i0 < nrows; i0 += kRB) acc_large_block<T, 1>(P, Wm, Fp, tm, acc, Fp, i0, f);
+  constexpr int CE = STEINOPS_NREGS >= 32 ? 3 : 2;
+  constexpr int JC = 8192 / (CE * W * (int)sizeof(T)) * 4;  // Wm slice of JC x CE vectors ~ 32 KB
+  for (int j0 = 0; j0 < tm; j0 += JC) {
+    const int j1 = j0 + JC < tm ? j0 + JC : tm;
+    int64_t f = 0;
+    for (; f + CE * W <= Fp; f += CE * W) acc_large_rows<T, CE>(P, Wm, Fp, j0, j1, acc, nrows, f);
+    for (; f < Fp; f += W) acc_large_rows<T, 1>(P, Wm, Fp, j0, j1, acc, nrows, f);
+  }
 }
 
 // ---- row tile setup ---------------------------------------------------------------------

@@ -14,8 +14,8 @@ Stein profile of the kernel, RBF itself or IMQ cubed)::
 Solvers: a Cholesky factorisation of the dense ``K + eta I`` (jitter escalation with a warning),
 or, for large M, matrix-free conjugate gradient on the fused kernel product (never M x M).
 
-Defaults (measured against exact scores; numbers in the README and in the docstring of
-``stein_score``): ``bandwidth = 2 * median pairwise distance`` and ``eta = 0.3``.
+Defaults (measured against exact scores; the table is in the docstring of ``stein_score``):
+``bandwidth = 2 * median pairwise distance`` and ``eta = 0.3``.
 """
 from __future__ import annotations
 
@@ -169,12 +169,22 @@ def stein_score(x: torch.Tensor, query: torch.Tensor | None = None, *, kernel="r
     sample set per noise level) are solved together. Differentiable with respect to x (and query);
     under ``torch.no_grad`` nothing is stored for backward.
 
-    Defaults, chosen by measurement against exact scores (in-sample, float64, relative Fisher error
-    ``E|G - grad log q_sigma|^2 / E|grad log q_sigma|^2`` on 2-component Gaussian mixtures convolved
-    with N(0, sigma^2), d in {2, 10, 50}, sigma in {0.1, 1}, M in {128, 512, 2048}; script
-    ``benchmarks/hyperparameters.py``): ``bandwidth = 2 x median pairwise distance`` and ``eta = 0.3``
-    are within 1.3x of the best (bandwidth, eta) on a 6 x 8 grid on average, where the literature's
-    ``median / sqrt(2 log(M+1))`` with eta = 0.01 is 10-100x worse. See the README for the table.
+    Defaults, chosen by measurement against exact scores (``benchmarks/hyperparameters.py``, results
+    in ``benchmarks/results/hyperparameters.json``): in-sample relative Fisher error
+    ``E|G - grad log q_sigma|^2 / E|grad log q_sigma|^2`` on Gaussian mixtures convolved with
+    N(0, sigma^2 I), float64, RBF and IMQ, d in {2, 10, 50}, sigma in {0.1, 1}, M in {128, 512, 2048}
+    (36 cases), compared with the best (bandwidth, eta) on an 8 x 8 grid per case:
+
+    ==========================================================  =================  =====
+    rule                                                        geo-mean vs best   worst
+    ==========================================================  =================  =====
+    bandwidth = 2 x median distance, eta = 0.3 (the default)    1.26x              2.33x
+    bandwidth = median distance, eta = 1                        1.66x              3.01x
+    bandwidth = median / sqrt(2 log(M+1)), eta = 0.01 (common)  15.6x              697x
+    ==========================================================  =================  =====
+
+    The default's worst cases are few samples in high dimension (d = 50, M = 128), where a wider
+    bandwidth with a smaller eta is better.
 
     Args:
         kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
