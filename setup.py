@@ -38,7 +38,7 @@ def _want_cuda() -> bool:
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # the C++ standard is torch's default (C++20 for torch 2.13)
     if os.environ.get("STEINOPS_NATIVE") == "1":
         cxx.append("-march=native")
     common = dict(
@@ -51,7 +51,7 @@ def _extension():
         return CUDAExtension(
             sources=sources,
             define_macros=[("STEINOPS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             **common,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)

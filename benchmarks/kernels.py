@@ -66,6 +66,7 @@ except ImportError:
 
 OPS = ("kmv", "stein", "gram+stein")
 BASELINES = ("naive", "compile", "keops", "cublas_matmul")
+METHODS = ("cpu", "cuda", "triton", "reference") + BASELINES  # also the order of the rows in a group
 # the methods that make sense on each device type (what runs when --backends is not given)
 DEVICE_METHODS = {
     "cpu": ("cpu", "triton", "reference", "naive", "compile"),
@@ -221,13 +222,12 @@ def select_methods(requested, device: torch.device, compile_mode):
         cublas_matmul=Method("cublas_matmul", ("gram+stein",), lambda c: functools.partial(cublas_matmul, h=c.h),
                              lambda c: c.M * c.M),
     )
-    order = ("cpu", "cuda", "triton", "reference", "naive", "compile", "keops", "cublas_matmul")
     names = DEVICE_METHODS[device.type] if requested is None else requested
-    unknown = sorted(set(names) - set(order))
+    unknown = sorted(set(names) - set(METHODS))
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(order)}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     chosen, notes = [], {}
-    for name in sorted(names, key=order.index):
+    for name in sorted(set(names), key=METHODS.index):
         why = unavailable_reason(name, device)
         if why is None:
             chosen.append(candidates[name])
@@ -534,6 +534,8 @@ def default_out(args, info: dict) -> Path:
     name = slug(info["name"]) if args.device.type == "cuda" else "cpu-" + slug(info["name"])
     if args.dtype != torch.float32:
         name += "-" + str(args.dtype).removeprefix("torch.")
+    if args.threads:
+        name += f"-{args.threads}threads"
     if args.quick:
         name += "-quick"
     return HERE / "results" / f"kernels-{name}.json"
@@ -543,10 +545,14 @@ def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def megabytes(nbytes) -> str:
+    return fmt(None if nbytes is None else nbytes / 2**20, ".1f")
+
+
 def table(rows: list[dict]) -> str:
     """One line per (op, M, d, E, method): median and fastest time, speed-up of the median over naive."""
-    head = (f"{'op':<11}{'M=N':>8}{'d':>6}{'E':>4}  {'method':<14}{'ms':>11}{'min ms':>11}{'speedup':>9}{'peak MB':>9}"
-            f"{'dense MB':>10}{'rel err':>10}  status")
+    head = (f"{'op':<11}{'M=N':>8}{'d':>6}{'E':>4}  {'method':<14}{'ms':>11}{'min ms':>11}{'speedup':>9}"
+            f"{'peak MB':>9}{'dense MB':>10}{'rel err':>10}  status")
     lines = [head, "-" * len(head)]
     prev = None
     for r in rows:
@@ -554,12 +560,12 @@ def table(rows: list[dict]) -> str:
         if prev is not None and key != prev:
             lines.append("")
         prev = key
-        mb = lambda b: fmt(None if b is None else b / 2**20, ".1f")  # noqa: E731
+        speedup = fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else "")
         lines.append(
             f"{r['op']:<11}{r['M']:>8}{r['d']:>6}{fmt(r['E'], 'd'):>4}  {r['method']:<14}"
-            f"{fmt(r.get('ms'), '.3f'):>11}{fmt(r.get('ms_min'), '.3f'):>11}"
-            f"{fmt(r.get('speedup'), '.2f') + ('x' if r.get('speedup') else ''):>9}{mb(r.get('peak_bytes')):>9}{mb(r['dense_bytes']):>10}{fmt(r.get('rel_err'), '.1e'):>10}  "
-            f"{r['status']}{('  ' + r['note']) if r['note'] else ''}"
+            f"{fmt(r.get('ms'), '.3f'):>11}{fmt(r.get('ms_min'), '.3f'):>11}{speedup:>9}"
+            f"{megabytes(r.get('peak_bytes')):>9}{megabytes(r['dense_bytes']):>10}{fmt(r.get('rel_err'), '.1e'):>10}"
+            f"  {r['status']}{('  ' + r['note']) if r['note'] else ''}"
         )
     return "\n".join(lines)
 
@@ -657,7 +663,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny grid (M=N 256, 512; d=3) for a smoke test")
     p.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/kernels-<device-slug>"
-                   "[-<dtype>][-quick].json)")
+                   "[-<dtype>][-<n>threads][-quick].json)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")

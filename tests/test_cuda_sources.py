@@ -63,7 +63,7 @@ def _arch_flag(nvcc: str) -> str:
 
 def _compile_command(nvcc: str, src: Path, obj: Path) -> list[str]:
     includes = list(cpp_extension.include_paths()) + [sysconfig.get_paths()["include"], str(ROOT / "csrc")]
-    cmd = [nvcc, "-c", str(src), "-o", str(obj), "-std=c++17", "-O1", _arch_flag(nvcc)]
+    cmd = [nvcc, "-c", str(src), "-o", str(obj), "-std=c++20", "-O1", _arch_flag(nvcc)]
     cmd += ["-Xcicc", "-O1", "-Xptxas", "-O1"]
     cmd += [f"-I{p}" for p in includes]
     cmd += [

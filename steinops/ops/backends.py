@@ -14,8 +14,8 @@ is missing, reference if both are).
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -26,22 +26,26 @@ from . import reference
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(None)
-def compiled_extension():
-    """``steinops._C`` or None when it is not built."""
+def _load_extension():
     try:
         return importlib.import_module("steinops._C")
     except ImportError:
         return None
 
 
-@functools.lru_cache(None)
+# Looked up once at import (cheaply: triton itself is imported only when first used), so that
+# backend selection is plain attribute reads that torch.compile can trace.
+_EXTENSION = _load_extension()
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def compiled_extension():
+    """``steinops._C`` or None when it is not built."""
+    return _EXTENSION
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def triton_interpreting() -> bool:

@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end on a tiny grid and write well-formed JSON (so they never rot)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "out.json"
+    res = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_hyperparameter_benchmark_quick(tmp_path):
+    data = _run(["benchmarks/hyperparameters.py", "--quick"], tmp_path)
+    row = data["rows"][0]
+    assert row["best"] > 0 and row["rules"]["default"] >= row["best"] * (1 - 1e-9)
+
+
+def test_kernel_benchmark_quick(tmp_path):
+    data = _run(["benchmarks/kernels.py", "--device", "cpu", "--quick", "--backends", "cpu,reference,naive"], tmp_path)
+    assert data["rows"] and data["device"]["type"] == "cpu"
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert ok and all(r["ms"] > 0 for r in ok)
