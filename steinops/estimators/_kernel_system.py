@@ -14,7 +14,8 @@ from ..solvers import conjugate_gradient
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    return 1e-8 if dtype == torch.float64 else 1e-4
+    # float32: 1e-5 reaches the Cholesky answer's accuracy on the toy benchmarks (1e-4 lost ~10%)
+    return 1e-8 if dtype == torch.float64 else 1e-5
 
 
 class _KernelSolve(torch.autograd.Function):

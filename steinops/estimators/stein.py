@@ -66,7 +66,7 @@ class SteinScoreEstimator:
         eta: ridge regulariser > 0 (number or tensor of shape (...)), or "auto" (= 0.3).
         solver: "cholesky" (dense, O(M^2) memory), "cg" (matrix-free conjugate gradient, O(M d)
             memory), or "auto" (Cholesky while the batch's Gram matrices hold at most 2^27 entries).
-        cg_rtol, cg_max_iter: CG stopping rule (relative residual per column; 1e-4 in float32,
+        cg_rtol, cg_max_iter: CG stopping rule (relative residual per column; 1e-5 in float32,
             1e-8 in float64 by default) and iteration cap (a warning is raised when it is hit).
         backend: backend of the fused ops (see ``steinops.ops.backends``).
 
