@@ -143,6 +143,7 @@ SIZES = [
 ]
 
 
+@pytest.mark.usefixtures("poison_uninitialized_memory")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kid", KIDS, ids=KID_IDS)
 @pytest.mark.parametrize("B,N,M,d,E", SIZES)
@@ -150,6 +151,7 @@ def test_matches_reference(B, N, M, d, E, kid, dtype):
     _run_all(B, N, M, d, E, kid, dtype, seed=hash((B, N, M, d, E)) % 10_000)
 
 
+@pytest.mark.usefixtures("poison_uninitialized_memory")
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kid", KIDS, ids=KID_IDS)

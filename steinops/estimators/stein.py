@@ -24,7 +24,7 @@ import math
 import torch
 
 from .. import _checks
-from ..bandwidth import select_bandwidth
+from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
 from ..kernels import get_kernel, stein_profile
 from ..ops.gram import gram
 from ..ops.stein_term import stein_term
@@ -81,13 +81,12 @@ class SteinScoreEstimator:
         if not isinstance(solver, str) or solver.lower() not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if isinstance(bandwidth, str):
-            select_bandwidth(torch.zeros(2, 1), bandwidth) if bandwidth.lower() not in ("median", "svgd") else None
+            if bandwidth.lower() not in BANDWIDTH_RULES:
+                raise ValueError(f"bandwidth must be a positive number, a tensor, or one of {BANDWIDTH_RULES}; got {bandwidth!r}")
         elif not isinstance(bandwidth, torch.Tensor):
             _checks.positive_number("bandwidth", bandwidth)
-        if not isinstance(eta, (str, torch.Tensor)):
-            _checks.positive_number("eta", eta)
-        elif isinstance(eta, str) and eta.lower() != "auto":
-            raise ValueError(f"eta must be a positive number, a tensor, or 'auto'; got {eta!r}")
+        if not isinstance(eta, torch.Tensor):
+            _eta_tensor(eta, (), torch.zeros(()))  # checks numbers and "auto" now; tensors at fit
         self.bandwidth, self.eta, self.solver = bandwidth, eta, solver.lower()
         self.cg_rtol, self.cg_max_iter, self.backend = cg_rtol, cg_max_iter, backend
 
