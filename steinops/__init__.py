@@ -8,12 +8,12 @@
 from ._checks import set_value_checks
 from .estimators import SteinScoreEstimator, stein_score
 from .kernels import IMQ, RBF, KernelProfile, get_kernel
-from .ops import gram, kernel_matvec, stein_term
+from .ops import gram, kernel_matvec, ksd, stein_term
 from .ops.backends import BACKENDS, resolve as resolve_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec",
+    "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec", "ksd",
     "resolve_backend", "set_value_checks", "stein_score", "stein_term",
 ]
