@@ -10,8 +10,10 @@ import math
 
 import torch
 
+from .base import ScoreDistribution, check_n, check_points, check_sigma
 
-class GaussianMixture:
+
+class GaussianMixture(ScoreDistribution):
     """Mixture of isotropic Gaussians in R^d.
 
     Args:
@@ -38,23 +40,28 @@ class GaussianMixture:
 
     def sample(self, n: int, sigma: float = 0.0, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, d) samples of q_sigma."""
+        n = check_n(n)
+        sigma = check_sigma(sigma)
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         scale = torch.sqrt(self.stds[comp] ** 2 + sigma**2).unsqueeze(-1)
         z = torch.randn(n, self.dim, dtype=self.means.dtype, generator=generator)
         return self.means[comp] + scale * z
 
     def _log_components(self, x: torch.Tensor, sigma: float):
+        sigma = check_sigma(sigma)
         var = self.stds.to(x) ** 2 + sigma**2  # (C,)
         r2 = ((x.unsqueeze(-2) - self.means.to(x)) ** 2).sum(-1)  # (..., C)
         return torch.log(self.weights.to(x)) - 0.5 * r2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var), var
 
     def log_prob(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """log q_sigma(x), shape (...)."""
+        x = check_points(x, self.dim)
         logc, _ = self._log_components(x, sigma)
         return torch.logsumexp(logc, -1)
 
     def score(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """Exact grad log q_sigma(x), same shape as x (..., d)."""
+        x = check_points(x, self.dim)
         logc, var = self._log_components(x, sigma)
         resp = torch.softmax(logc, -1)  # (..., C)
         diff = (self.means.to(x) - x.unsqueeze(-2)) / var.unsqueeze(-1)  # (..., C, d)
@@ -65,3 +72,14 @@ def two_mode_mixture(d: int = 2, *, separation: float = 5.0, weights=(0.8, 0.2),
     """The classic NCSN toy: weights 0.8 / 0.2 at +-(separation, ..., separation), unit std."""
     mu = torch.full((d,), float(separation), dtype=dtype)
     return GaussianMixture(weights, torch.stack([mu, -mu]), torch.ones(2, dtype=dtype), dtype=dtype)
+
+
+def eight_gaussians(radius: float = 4.0, std: float = 0.5, *, dtype=torch.float64) -> GaussianMixture:
+    """8 equally weighted isotropic Gaussians (std ``std``) at angles 2 pi j / 8 on a circle of ``radius``."""
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius!r}")
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    ang = 2 * math.pi * torch.arange(8, dtype=dtype) / 8
+    means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], -1)
+    return GaussianMixture(torch.ones(8, dtype=dtype), means, torch.full((8,), float(std), dtype=dtype), dtype=dtype)
