@@ -24,12 +24,12 @@ import math
 import torch
 
 from .. import _checks
-from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
-from ..kernels import get_kernel, stein_profile
+from ..kernels import stein_profile
 from ..ops.gram import gram
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._kernel_system import kernel_solve
+from .base import ScoreEstimator, register
 
 DEFAULT_ETA = 0.3
 SOLVERS = ("auto", "cholesky", "cg")
@@ -56,7 +56,8 @@ def _eta_tensor(eta, batch_shape, like):
     return torch.full(batch_shape, _checks.positive_number("eta", eta), dtype=like.dtype, device=like.device)
 
 
-class SteinScoreEstimator:
+@register("stein")
+class SteinScoreEstimator(ScoreEstimator):
     """Stein gradient estimator with a fit-once / predict-many interface.
 
     Args:
@@ -70,56 +71,35 @@ class SteinScoreEstimator:
             1e-8 in float64 by default) and iteration cap (a warning is raised when it is hit).
         backend: backend of the fused ops (see ``steinops.ops.backends``).
 
-    After ``fit(x)``: ``scores_`` (..., M, d) in-sample estimates, ``bandwidth_`` and ``eta_`` (...).
+    After ``fit(x)``: ``scores_`` (..., M, d) in-sample estimates, ``bandwidth_`` and ``eta_`` (...),
+    ``solver_`` the solver used.
     """
 
     def __init__(self, kernel="rbf", *, bandwidth="median", eta="auto", solver="auto",
                  cg_rtol: float | None = None, cg_max_iter: int | None = None, backend: str | None = None):
-        self.kernel = get_kernel(kernel)
-        if self.kernel.name not in ("rbf", "imq"):
-            raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
+        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
         if not isinstance(solver, str) or solver.lower() not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if isinstance(bandwidth, str):
-            if bandwidth.lower() not in BANDWIDTH_RULES:
-                raise ValueError(f"bandwidth must be a positive number, a tensor, or one of {BANDWIDTH_RULES}; got {bandwidth!r}")
-        elif not isinstance(bandwidth, torch.Tensor):
-            _checks.positive_number("bandwidth", bandwidth)
         if not isinstance(eta, torch.Tensor):
             _eta_tensor(eta, (), torch.zeros(()))  # checks numbers and "auto" now; tensors at fit
-        self.bandwidth, self.eta, self.solver = bandwidth, eta, solver.lower()
-        self.cg_rtol, self.cg_max_iter, self.backend = cg_rtol, cg_max_iter, backend
+        self.eta, self.solver = eta, solver.lower()
+        self.cg_rtol, self.cg_max_iter = cg_rtol, cg_max_iter
 
-    # ------------------------------------------------------------------ fit
-    def fit(self, x: torch.Tensor) -> "SteinScoreEstimator":
-        """Estimate the scores at the samples x (..., M, d) and keep what prediction needs."""
-        _checks.points("x", x, min_rows=2)
-        self._out_dtype = x.dtype
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        batch, M = xf.shape[:-2], xf.shape[-2]
-        h = select_bandwidth(xf, self.bandwidth)
-        h = _checks.bandwidth_tensor(h, batch, xf)
-        eta = _eta_tensor(self.eta, batch, xf)
+    def _fit(self, xc, h):
+        batch, M = xc.shape[:-2], xc.shape[-2]
+        eta = _eta_tensor(self.eta, batch, xc)
         solver = self.solver
         if solver == "auto":
             solver = "cholesky" if math.prod(batch) * M * M <= DENSE_MAX_ENTRIES else "cg"
-        self.solver_ = solver
-        # centre once: every quantity is translation invariant and centring avoids cancellation
-        self._centre = xf.detach().mean(-2, keepdim=True)
-        xc = xf - self._centre
+        self.solver_, self.eta_ = solver, eta
         if solver == "cholesky":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
             self._L = cholesky_jitter(A)
-            G = -torch.cholesky_solve(S, self._L)
-        else:
-            S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
-            G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend,
-                              rtol=self.cg_rtol, max_iter=self.cg_max_iter)
-        self._x, self._G = xc, G
-        self.bandwidth_, self.eta_ = h, eta
-        self.scores_ = G.to(self._out_dtype)
-        return self
+            return -torch.cholesky_solve(S, self._L)
+        S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
+        return -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend,
+                             rtol=self.cg_rtol, max_iter=self.cg_max_iter)
 
     def _solve(self, B):
         if self.solver_ == "cholesky":
@@ -127,25 +107,11 @@ class SteinScoreEstimator:
         return kernel_solve(self._x, B, self.bandwidth_, self.eta_, kernel=self.kernel, backend=self.backend,
                             rtol=self.cg_rtol, max_iter=self.cg_max_iter)
 
-    # -------------------------------------------------------------- predict
-    def predict(self, query: torch.Tensor) -> torch.Tensor:
-        """Out-of-sample estimates at ``query`` (..., N, d) (batch dims broadcast with the fit's).
-
-        Equal to appending each query point to the samples and reading its in-sample estimate.
-        Processed in chunks of queries so memory stays O(chunk x M).
-        """
-        if not hasattr(self, "_G"):
-            raise RuntimeError("call fit(x) before predict(query)")
-        _checks.points("query", query, check_finite=False)
-        _checks.same_device(query=query, x=self._x)
-        _checks.finite("query", query)
-        if query.shape[-1] != self._x.shape[-1]:
-            raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
-        q = (query.to(self._x.dtype) - self._centre)
+    def _predict(self, q):
+        """Li & Turner's rule, equal to appending each query to the samples; chunks keep memory O(chunk x M)."""
         N, M = q.shape[-2], self._x.shape[-2]
         chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
-        out = [self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)]
-        return torch.cat(out, -2).to(self._out_dtype)
+        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
 
     def _predict_chunk(self, z):
         x, G, h, eta = self._x, self._G, self.bandwidth_, self.eta_

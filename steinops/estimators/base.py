@@ -1,0 +1,95 @@
+"""The interface every score estimator implements, and the registry behind ``score_estimator``.
+
+    est = steinops.score_estimator("stein", kernel="rbf", bandwidth="median").fit(x)   # x (..., M, d)
+    est.scores_            # (..., M, d) in-sample estimates of grad log q
+    est.predict(query)     # (..., N, d) out-of-sample estimates
+    est.bandwidth_         # (...) bandwidth used per sample set
+
+Subclasses implement ``_fit(xc, h)`` on centred samples (float32/float64, batch dims kept) and
+``_predict(zc)`` on centred queries; the base class does validation, half-precision upcasting,
+bandwidth selection, centring and output casting, so every estimator treats its arguments alike.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
+from ..kernels import get_kernel
+
+ESTIMATORS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator adding an estimator to the registry under ``name``."""
+    def deco(cls):
+        ESTIMATORS[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def score_estimator(name: str, *args, **kwargs):
+    """An unfitted estimator by name (see ``ESTIMATORS``), e.g. ``score_estimator("stein", eta=0.3)``."""
+    if not isinstance(name, str) or name.lower() not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {name!r}")
+    return ESTIMATORS[name.lower()](*args, **kwargs)
+
+
+class ScoreEstimator:
+    """Base class: kernel, bandwidth and backend handling shared by all estimators.
+
+    Args:
+        kernel: "rbf" or "imq".
+        bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
+            (see ``steinops.bandwidth``: "median" = 2 x median distance, "svgd").
+        backend: backend of the fused ops (see ``steinops.ops.backends``).
+    """
+
+    name = "base"
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", backend: str | None = None):
+        self.kernel = get_kernel(kernel)
+        if self.kernel.name not in ("rbf", "imq"):
+            raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
+        if isinstance(bandwidth, str):
+            if bandwidth.lower() not in BANDWIDTH_RULES:
+                raise ValueError(f"bandwidth must be a positive number, a tensor, or one of {BANDWIDTH_RULES}; got {bandwidth!r}")
+        elif not isinstance(bandwidth, torch.Tensor):
+            _checks.positive_number("bandwidth", bandwidth)
+        self.bandwidth, self.backend = bandwidth, backend
+
+    def fit(self, x: torch.Tensor):
+        """Estimate the scores at the samples x (..., M, d); returns self."""
+        _checks.points("x", x, min_rows=2)
+        self._out_dtype = x.dtype
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        h = _checks.bandwidth_tensor(select_bandwidth(xf, self.bandwidth), xf.shape[:-2], xf)
+        # centre once: every quantity is translation invariant and centring avoids cancellation
+        self._centre = xf.detach().mean(-2, keepdim=True)
+        self._x = xf - self._centre
+        self.bandwidth_ = h
+        G = self._fit(self._x, h)
+        self._G = G
+        self.scores_ = G.to(self._out_dtype)
+        return self
+
+    def predict(self, query: torch.Tensor) -> torch.Tensor:
+        """Out-of-sample estimates at ``query`` (..., N, d) (batch dims broadcast with the fit's)."""
+        if not hasattr(self, "_G"):
+            raise RuntimeError("call fit(x) before predict(query)")
+        _checks.points("query", query, check_finite=False)
+        _checks.same_device(query=query, x=self._x)
+        _checks.finite("query", query)
+        if query.shape[-1] != self._x.shape[-1]:
+            raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
+        return self._predict(query.to(self._x.dtype) - self._centre).to(self._out_dtype)
+
+    # -- to implement -------------------------------------------------------------------------
+    def _fit(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Centred samples (..., M, d) and bandwidth (...) -> in-sample scores (..., M, d)."""
+        raise NotImplementedError
+
+    def _predict(self, z: torch.Tensor) -> torch.Tensor:
+        """Centred queries (..., N, d) -> scores (..., N, d)."""
+        raise NotImplementedError
