@@ -26,3 +26,9 @@ def test_kernel_benchmark_quick(tmp_path):
     assert data["rows"] and data["device"]["type"] == "cpu"
     ok = [r for r in data["rows"] if r["status"] == "ok"]
     assert ok and all(r["ms"] > 0 for r in ok)
+
+
+def test_accuracy_benchmark_quick(tmp_path):
+    data = _run(["benchmarks/accuracy.py", "--quick"], tmp_path)
+    for row in data["rows"]:
+        assert 0 < row["oracle_in"] <= row["default_in"] * (1 + 1e-9)
