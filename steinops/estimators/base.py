@@ -16,6 +16,7 @@ import torch
 from .. import _checks
 from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
 from ..kernels import get_kernel
+from .autotune import tune
 
 ESTIMATORS: dict[str, type] = {}
 
@@ -41,8 +42,10 @@ class ScoreEstimator:
 
     Args:
         kernel: "rbf" or "imq".
-        bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
-            (see ``steinops.bandwidth``: "median" = 2 x median distance, "svgd").
+        bandwidth: a positive number, a tensor of shape (...) (one per sample set), a rule name
+            (see ``steinops.bandwidth``: "median" = 2 x median distance, "svgd"), or "auto": chosen per
+            sample set by held-out score matching (``steinops.estimators.autotune``), together with the
+            estimator's own knob where that is "auto" too; the choice is kept in ``tuned_``.
         backend: backend of the fused ops (see ``steinops.ops.backends``).
     """
 
@@ -53,8 +56,9 @@ class ScoreEstimator:
         if self.kernel.name not in ("rbf", "imq"):
             raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
         if isinstance(bandwidth, str):
-            if bandwidth.lower() not in BANDWIDTH_RULES:
-                raise ValueError(f"bandwidth must be a positive number, a tensor, or one of {BANDWIDTH_RULES}; got {bandwidth!r}")
+            if bandwidth.lower() not in BANDWIDTH_RULES + ("auto",):
+                raise ValueError(f"bandwidth must be a positive number, a tensor, 'auto', or one of {BANDWIDTH_RULES}; "
+                                 f"got {bandwidth!r}")
         elif not isinstance(bandwidth, torch.Tensor):
             _checks.positive_number("bandwidth", bandwidth)
         self.bandwidth, self.backend = bandwidth, backend
@@ -64,7 +68,12 @@ class ScoreEstimator:
         _checks.points("x", x, min_rows=2)
         self._out_dtype = x.dtype
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        h = _checks.bandwidth_tensor(select_bandwidth(xf, self.bandwidth), xf.shape[:-2], xf)
+        self.tuned_ = None
+        if isinstance(self.bandwidth, str) and self.bandwidth.lower() == "auto":
+            self.tuned_ = tune(self.name, xf, kernel=self.kernel, backend=self.backend, **self._tune_kwargs())
+            h = self.tuned_["bandwidth"]
+        else:
+            h = _checks.bandwidth_tensor(select_bandwidth(xf, self.bandwidth), xf.shape[:-2], xf)
         # centre once: every quantity is translation invariant and centring avoids cancellation
         self._centre = xf.detach().mean(-2, keepdim=True)
         self._x = xf - self._centre
@@ -84,6 +93,10 @@ class ScoreEstimator:
         if query.shape[-1] != self._x.shape[-1]:
             raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
         return self._predict(query.to(self._x.dtype) - self._centre).to(self._out_dtype)
+
+    def _tune_kwargs(self) -> dict:
+        """Arguments for ``autotune.tune`` beyond the bandwidth grid (e.g. a fixed knob value)."""
+        return {}
 
     # -- to implement -------------------------------------------------------------------------
     def _fit(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

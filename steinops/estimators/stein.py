@@ -62,9 +62,11 @@ class SteinScoreEstimator(ScoreEstimator):
 
     Args:
         kernel: "rbf" or "imq".
-        bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
-            ("median": 2 x median distance, the default; "svgd": median / sqrt(2 log(M+1))).
-        eta: ridge regulariser > 0 (number or tensor of shape (...)), or "auto" (= 0.3).
+        bandwidth: a positive number, a tensor of shape (...) (one per sample set), a rule name
+            ("median": 2 x median distance, the default; "svgd": median / sqrt(2 log(M+1))), or "auto"
+            (held-out score matching per sample set, see ``steinops.estimators.autotune``).
+        eta: ridge regulariser > 0 (number or tensor of shape (...)), or "auto": 0.3, or tuned with the
+            bandwidth when ``bandwidth="auto"``.
         solver: "cholesky" (dense, O(M^2) memory), "cg" (matrix-free conjugate gradient, O(M d)
             memory), or "auto" (Cholesky while the batch's Gram matrices hold at most 2^27 entries).
         cg_rtol, cg_max_iter: CG stopping rule (relative residual per column; 1e-5 in float32,
@@ -85,9 +87,16 @@ class SteinScoreEstimator(ScoreEstimator):
         self.eta, self.solver = eta, solver.lower()
         self.cg_rtol, self.cg_max_iter = cg_rtol, cg_max_iter
 
+    def _tune_kwargs(self):
+        # eta is tuned along with the bandwidth when "auto"; a given eta is held fixed
+        if isinstance(self.eta, str):
+            return {}
+        return {"knob_values": (self.eta,)}
+
     def _fit(self, xc, h):
         batch, M = xc.shape[:-2], xc.shape[-2]
-        eta = _eta_tensor(self.eta, batch, xc)
+        eta = self.tuned_["eta"] if self.tuned_ is not None and isinstance(self.eta, str) else self.eta
+        eta = _eta_tensor(eta, batch, xc)
         solver = self.solver
         if solver == "auto":
             solver = "cholesky" if math.prod(batch) * M * M <= DENSE_MAX_ENTRIES else "cg"
@@ -152,7 +161,8 @@ def stein_score(x: torch.Tensor, query: torch.Tensor | None = None, *, kernel="r
     bandwidth with a smaller eta is better.
 
     Args:
-        kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
+        kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median", "svgd" or "auto" (held-out
+            score matching per sample set, tuning eta too when eta is "auto").
         eta: number > 0, tensor (...) or "auto". solver: "auto", "cholesky" or "cg".
         backend: backend of the fused ops ("auto", "cpu", "triton", "cuda", "reference").
     """
