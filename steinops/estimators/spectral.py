@@ -1,0 +1,159 @@
+"""The spectral Stein gradient estimator (SSGE; Shi, Sun & Zhu, ICML 2018) of ``grad log q``.
+
+With samples ``x (..., M, d)``, ``K_ij = k(x_i, x_j)`` and its eigenpairs ``K u_j = lambda_j u_j``
+(descending, ``u_j`` orthonormal), the Nystrom eigenfunctions of the kernel's integral operator are::
+
+    psi_j(x) = sqrt(M) / lambda_j * sum_m u_jm k(x, x^m)                  (psi_j(x^i) = sqrt(M) u_ji)
+
+and the score is expanded in the first J of them, ``g(x) = sum_{j<=J} beta_j psi_j(x)``, with the
+coefficients given by Stein's identity ``E_q[grad psi_j] = -E_q[psi_j grad log q]``::
+
+    beta_j = -(1/M) sum_i grad psi_j(x^i)                                              (d,)
+
+By the symmetry of k, ``sum_i grad_x k(x, x^m)|_{x = x^i} = sum_i grad_{x_i} k(x_m, x_i) = S_m``, the
+Stein term ``S_m = sum_i grad_{x_i} k(x_m, x_i)`` of the SGE (``gram(x, stein_term=True)``), so
+no (M, M, d) tensor is needed::
+
+    beta_j = -(1 / (sqrt(M) lambda_j)) u_j^T S                                         (d,)
+
+In-sample this is a truncated pseudo-inverse SGE (the SGE is ``-(K + eta I)^{-1} S``)::
+
+    G = g(x) = -sum_{j<=J} u_j u_j^T S / lambda_j = -U diag(mask / lambda) U^T S      (..., M, d)
+
+Out-of-sample at queries ``z (..., N, d)`` with ``K_q = K(z, x) (..., N, M)``::
+
+    g(z) = psi(z) beta = K_q C,     C = -U diag(mask / lambda^2) U^T S                (..., M, d)
+
+(``C`` is formed once at fit; queries are processed in chunks so memory is O(chunk x M)). At the
+samples ``K C = G`` (the Nystrom property): predict(x) reproduces ``scores_``.
+
+J: a fixed count ``n_eigen``, or ``eig_mass``: the smallest J whose leading eigenvalues hold that
+fraction of ``sum_j max(lambda_j, 0)`` (J may differ per batch element; implemented by a mask over
+the eigenpairs). Eigenvalues ``<= M * eps * lambda_max`` (numerically zero; ``eps`` the dtype's
+machine epsilon, as in ``torch.linalg.pinv``) are always dropped, so ``n_eigen_`` may be below
+``n_eigen`` when K is numerically singular.
+
+Gradients: everything is torch ops (``gram``, ``torch.linalg.eigh``), so the estimate is
+differentiable with respect to x, the queries and a tensor bandwidth. The backward of ``eigh``
+divides by eigenvalue gaps ``lambda_i - lambda_j``: with repeated (or nearly repeated) eigenvalues
+the gradients are ill-defined (inf / NaN or huge). This happens with duplicated samples, tiny
+bandwidths (K ~ I) or huge bandwidths (a tail of ~0 eigenvalues). The forward values are fine.
+The mask choosing J is piecewise constant (no gradient flows through the choice of J).
+
+Cost: O(M^3) for the batched eigendecomposition, O(M^2) memory (the SGE's Cholesky is the same order).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..ops.gram import gram
+from .base import ScoreEstimator, register
+
+DEFAULT_EIG_MASS = 0.99
+# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
+QUERY_CHUNK_ENTRIES = 2**24
+
+
+def _check_n_eigen(n_eigen):
+    if isinstance(n_eigen, bool) or not isinstance(n_eigen, numbers.Integral):
+        raise ValueError(f"n_eigen must be a positive integer, got {n_eigen!r}")
+    if n_eigen < 1:
+        raise ValueError(f"n_eigen must be >= 1, got {n_eigen}")
+    return int(n_eigen)
+
+
+def _check_eig_mass(eig_mass):
+    if isinstance(eig_mass, bool) or not isinstance(eig_mass, numbers.Real):
+        raise ValueError(f"eig_mass must be a number in (0, 1], got {eig_mass!r}")
+    eig_mass = float(eig_mass)
+    if not (0.0 < eig_mass <= 1.0):  # also rejects NaN
+        raise ValueError(f"eig_mass must be in (0, 1], got {eig_mass}")
+    return eig_mass
+
+
+@register("ssge")
+class SpectralScoreEstimator(ScoreEstimator):
+    """Spectral Stein gradient estimator with a fit-once / predict-many interface.
+
+    Args:
+        kernel: "rbf" or "imq".
+        bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
+            ("median": 2 x median distance, the default; "svgd").
+        n_eigen: number J of eigenpairs kept, an int in [1, M] (checked against M at fit).
+        eig_mass: keep the smallest J whose eigenvalues hold this fraction in (0, 1] of the total
+            eigenvalue mass (per batch element). Default 0.99 when ``n_eigen`` is not given; giving
+            both is an error.
+        backend: backend of the fused ops (see ``steinops.ops.backends``).
+
+    After ``fit(x)`` with x (..., M, d): ``scores_`` (..., M, d) in-sample estimates; ``bandwidth_``
+    (...); ``eigenvalues_`` (..., M) descending and ``eigenvectors_`` (..., M, M) (columns) of K;
+    ``eigen_mask_`` (..., M) bool, the eigenpairs used; ``n_eigen_`` (...) int64, J per batch element;
+    ``beta_`` (..., M, d) the coefficients beta_j (zero rows for unused eigenpairs).
+    ``predict(z)`` gives ``sum_j beta_j psi_j(z)`` (..., N, d). See the module docstring for formulas.
+    """
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", n_eigen: int | None = None,
+                 eig_mass: float | None = None, backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+        if n_eigen is not None and eig_mass is not None:
+            raise ValueError("give either n_eigen or eig_mass, not both")
+        if n_eigen is not None:
+            n_eigen = _check_n_eigen(n_eigen)
+        elif eig_mass is None:
+            eig_mass = DEFAULT_EIG_MASS
+        if eig_mass is not None:
+            eig_mass = _check_eig_mass(eig_mass)
+        self.n_eigen, self.eig_mass = n_eigen, eig_mass
+
+    def _mask(self, lam: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues (..., M) descending -> bool mask (..., M) of the eigenpairs kept."""
+        M = lam.shape[-1]
+        lam = lam.detach()
+        lmax = lam[..., :1].clamp_min(0)
+        valid = lam > M * torch.finfo(lam.dtype).eps * lmax
+        if self.n_eigen is not None:
+            idx = torch.arange(M, device=lam.device)
+            return valid & (idx < self.n_eigen)
+        pos = lam.clamp_min(0)
+        cum_before = torch.cumsum(pos, -1) - pos  # mass of the eigenpairs before j
+        total = pos.sum(-1, keepdim=True)
+        return valid & (cum_before < self.eig_mass * total)
+
+    def _fit(self, xc, h):
+        M = xc.shape[-2]
+        if self.n_eigen is not None and self.n_eigen > M:
+            raise ValueError(f"n_eigen must be in [1, M] = [1, {M}], got {self.n_eigen}")
+        K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
+        lam, U = torch.linalg.eigh(K)  # ascending
+        lam, U = lam.flip(-1), U.flip(-1)  # descending
+        mask = self._mask(lam)
+        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        W = U.transpose(-1, -2) @ S  # (..., M, d): u_j^T S
+        self.eigenvalues_, self.eigenvectors_, self.eigen_mask_ = lam, U, mask
+        self.n_eigen_ = mask.sum(-1)
+        self.beta_ = -inv[..., None] * W / math.sqrt(M)
+        self._C = -U @ (inv[..., None] ** 2 * W)
+        return -U @ (inv[..., None] * W)
+
+    def _predict(self, q):
+        N, M = q.shape[-2], self._x.shape[-2]
+        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
+        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
+
+    def _predict_chunk(self, z):
+        Kq = gram(z, self._x, kernel=self.kernel, bandwidth=self.bandwidth_, backend=self.backend)  # (..., n, M)
+        return Kq @ self._C  # = psi(z) beta with psi(z) = sqrt(M) K_q U diag(mask / lambda)
+
+    def eigenfunctions(self, z: torch.Tensor) -> torch.Tensor:
+        """Nystrom eigenfunctions ``psi_j(z) = sqrt(M)/lambda_j sum_m u_jm k(z, x^m)`` (..., N, M); zero
+        columns for unused eigenpairs. O(N M^2): for inspection; ``predict`` does not use it."""
+        if not hasattr(self, "_C"):
+            raise RuntimeError("call fit(x) before eigenfunctions(z)")
+        zc = z.to(self._x.dtype) - self._centre
+        Kq = gram(zc, self._x, kernel=self.kernel, bandwidth=self.bandwidth_, backend=self.backend)
+        lam, mask = self.eigenvalues_, self.eigen_mask_
+        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        return math.sqrt(self._x.shape[-2]) * (Kq @ self.eigenvectors_) * inv[..., None, :]
