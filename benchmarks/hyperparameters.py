@@ -20,11 +20,17 @@ import json
 import math
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import steinops
+try:
+    import steinops
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import steinops
 from steinops.bandwidth import MEDIAN_FACTOR, median_distance
 from steinops.distributions import GaussianMixture, two_mode_mixture
 from steinops.estimators.stein import DEFAULT_ETA

@@ -6,7 +6,10 @@
     Kv = steinops.kernel_matvec(x, y, v, kernel="rbf", bandwidth=1.0)   # K(x, y) @ v, never N x M
 """
 from ._checks import set_value_checks
-from .estimators import ScoreEstimator, SteinScoreEstimator, score_estimator, stein_score
+from .estimators import (
+    ESTIMATORS, KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator, ScoreEstimator,
+    SpectralScoreEstimator, SteinScoreEstimator, score_estimator, stein_score,
+)
 from .kernels import IMQ, RBF, KernelProfile, get_kernel
 from .ops import gram, kernel_matvec, ksd, stein_term
 from .ops.backends import BACKENDS, resolve as resolve_backend
@@ -14,6 +17,7 @@ from .ops.backends import BACKENDS, resolve as resolve_backend
 __version__ = "0.1.0"
 
 __all__ = [
+    "ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "SpectralScoreEstimator",
     "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec", "ksd",
     "ScoreEstimator", "resolve_backend", "score_estimator", "set_value_checks", "stein_score", "stein_term",
 ]

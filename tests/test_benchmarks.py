@@ -30,5 +30,8 @@ def test_kernel_benchmark_quick(tmp_path):
 
 def test_accuracy_benchmark_quick(tmp_path):
     data = _run(["benchmarks/accuracy.py", "--quick"], tmp_path)
+    import steinops
+    assert {r["estimator"] for r in data["rows"]} == set(steinops.ESTIMATORS)
     for row in data["rows"]:
         assert 0 < row["oracle_in"] <= row["default_in"] * (1 + 1e-9)
+        assert all(0 < row[k] < 10 for k in ("default_out", "auto_in", "auto_out", "oracle_out"))

@@ -1,5 +1,7 @@
 """Score estimators built on the fused ops: fit / predict classes, a registry, and thin functions."""
 from .base import ESTIMATORS, ScoreEstimator, register, score_estimator
+from .spectral import SpectralScoreEstimator
+from .kef import KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator
 from .stein import SteinScoreEstimator, stein_score
 
-__all__ = ["ESTIMATORS", "ScoreEstimator", "SteinScoreEstimator", "register", "score_estimator", "stein_score"]
+__all__ = ["ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "ScoreEstimator", "SpectralScoreEstimator", "SteinScoreEstimator", "register", "score_estimator", "stein_score"]

@@ -1,0 +1,319 @@
+"""Regularised-regression ("kscore") score estimators with a diagonal kernel: Tikhonov / kernel
+exponential family, Landweber iteration and the nu-method (Zhou, Shi, Zhu, ICML 2020).
+
+Set-up. Samples ``x^1..x^M`` of q in R^d, a scalar kernel k (RBF or IMQ) used diagonally, i.e. each
+of the d components of the score lives in the scalar RKHS H of k. Score matching with the Stein
+identity, ``E_q|s - grad log q|^2 / 2 = E_q[|s|^2 / 2 + div s] + const``, regularised in H^d::
+
+    min_s (1/M) sum_m [ |s(x^m)|^2 / 2 + div s(x^m) ] + (lam / 2) ||s||^2
+
+With the covariance operator ``L = (1/M) sum_m k_{x^m} (x) k_{x^m}`` and the representer of the
+divergence term, ``zeta(x) = (1/M) sum_m grad_{x^m} k(x, x^m)`` (so that
+``(1/M) sum_m div s(x^m) = <s, zeta>``), the normal equation is ``(L + lam) s = -zeta``. A spectral
+filter g_lam replaces ``(L + lam)^{-1}``: ``s = -g_lam(L) zeta``.
+
+Closed forms. Write ``K = (k(x^i, x^j))`` (M x M), ``S = <grad, K>`` with
+``S_n = sum_m grad_{x^m} k(x^n, x^m)`` (M x d, so ``zeta(X) = S / M``), and for a query z
+``K_z = (k(z, x^m))_m`` (1 x M), ``S_z = sum_m grad_{x^m} k(z, x^m) = M zeta(z)``. With the sampling
+operator ``P f = (f(x^m))_m``, ``L = P^* P / M`` and ``P P^* = K``; for any filter write
+``g(sig) = g(0) + sig r(sig)``, then ``L r(L) = P^* r(K/M) P / M`` and
+
+    s(z)  = -g(0) zeta(z) - (1/M) K_z r(K/M) zeta(X)            (out of sample)
+    s(X)  = -g(K/M) zeta(X) = -g(K/M) S / M                      (in sample)
+
+* Tikhonov / KEF, ``g(sig) = 1/(sig + lam)``:  in sample ``G = -(K + M lam I)^{-1} S``, which is the
+  SGE with ``eta = M lam``; out of sample
+  ``s(z) = -(1/lam) [zeta(z) - K_z (K + M lam I)^{-1} zeta(X)] = -(S_z + K_z G) / (M lam)``.
+  At ``z = x^n`` this gives back ``G_n`` (because ``K G = -S - M lam G``). Unlike the SGE's
+  Li & Turner predictive rule (which re-solves with z appended), this is the Nystrom/representer
+  extension of the one RKHS function fitted on the samples.
+* Landweber, ``s_{t+1} = s_t - step (L s_t + zeta)``, ``s_0 = 0``: ``g_T(sig) = step sum_{t<T}
+  (1 - step sig)^t``, ``T = ceil(1/lam)`` steps (``g_T(0) = step T``).
+* nu-method (Engl, Hanke & Neubauer, Regularization of Inverse Problems, sec. 6.3): the
+  semi-iterative (Chebyshev-like) acceleration of Landweber,
+  ``s_k = s_{k-1} + mu_k (s_{k-1} - s_{k-2}) - omega_k step (L s_{k-1} + zeta)`` with
+  ``mu_k = (k-1)(2k-3)(2k+2nu-1) / ((k+2nu-1)(2k+4nu-1)(2k+2nu-3))``,
+  ``omega_k = 4(2k+2nu-1)(k+nu-1) / ((k+2nu-1)(2k+4nu-1))``; ``T = ceil(lam^{-1/2})`` steps reach
+  the regularisation Landweber reaches in ``1/lam``.
+
+Every iterate is ``s_t = a_t zeta + P^* c_t`` (a scalar ``a_t`` per sample set, coefficients
+``c_t`` (M x d)), because ``L s = P^* s(X) / M``. The iterations update ``(a, c)`` and the in-sample
+values ``v = s(X) = a S / M + K c`` (one dense (M x M)(M x d) product per step, or with
+``solver="matrix_free"`` one fused ``kernel_matvec``, O(M d) memory; never M x M x d), and
+prediction is ``s(z) = a S_z / M + K_z c`` from one fused ``gram(z, x, stein_term=True)`` pass,
+chunked over queries. At the samples, prediction equals the in-sample estimate.
+
+Step size. ``step = 1 / b`` with ``b >= lambda_max(K / M)`` a rigorous bound: the Collatz-Wielandt
+bound ``max_i (K v)_i / v_i`` (valid for any positive v since K is entrywise non-negative) at the
+iterate of a few power-iteration steps from the all-ones vector; it is tight after a few steps and
+never below ``lambda_max`` (so Landweber and the nu-method are stable). ``b <= trace(K)/M = 1``.
+The step size is computed without gradient (a data-chosen hyper-parameter, like the bandwidth rule);
+pass ``step=`` to fix it. The regularisation of ``lam`` is therefore relative to ``b``: Landweber
+with ``lam`` behaves like Tikhonov with ``lam * b`` (``g_T(0) = T / b ~ 1 / (lam b)``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..ops.gram import gram
+from ..ops.kernel_matvec import kernel_matvec
+from ..ops.stein_term import stein_term
+from ..solvers import cholesky_jitter
+from ._kernel_system import kernel_solve
+from .base import ScoreEstimator, register
+
+SOLVERS = ("auto", "dense", "matrix_free")
+# Dense Gram matrices up to this many entries over the whole batch (2^27 floats: 0.5 GB in float32).
+DENSE_MAX_ENTRIES = 2**27
+
+# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
+QUERY_CHUNK_ENTRIES = 2**24
+POWER_ITERS = 8
+
+
+def _check_lam(lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise ValueError(f"lam must be a positive finite number, got {lam!r}")
+    lam = float(lam)
+    if not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a positive finite number, got {lam}")
+    return lam
+
+
+def _check_n_iter(n_iter) -> int:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or int(n_iter) < 1:
+        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    return int(n_iter)
+
+
+def _check_step(step):
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(float(step)) or step <= 0:
+        raise ValueError(f"step must be None or a positive finite number, got {step!r}")
+    return float(step)
+
+
+def spectral_bound(K, n_power: int = POWER_ITERS, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """An upper bound on ``lambda_max(K)`` for entrywise non-negative symmetric K (..., M, M) with a
+    positive diagonal: Collatz-Wielandt ``max_i (K v)_i / v_i`` at a power iterate v > 0. Shape (...).
+    K may be a callable ``(..., M, E) -> (..., M, E)`` (matrix-free product; then give ``like`` (..., M, d))."""
+    matvec = K if callable(K) else (lambda c: K @ c)
+    ref = like if callable(K) else K
+    with torch.no_grad():
+        v = torch.ones((*ref.shape[:-1], 1), dtype=ref.dtype, device=ref.device)
+        for _ in range(n_power):
+            v = matvec(v)
+            v = v / v.amax(-2, keepdim=True)
+            v = v.clamp_min(1e-6)  # any positive v gives a valid bound; avoid underflow
+        return (matvec(v) / v).amax(-2)[..., 0]
+
+
+def _check_solver(solver) -> str:
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver.lower()
+
+
+def _pick(solver, xc):
+    if solver != "auto":
+        return solver
+    M = xc.shape[-2]
+    return "dense" if math.prod(xc.shape[:-2]) * M * M <= DENSE_MAX_ENTRIES else "matrix_free"
+
+
+class _KScoreBase(ScoreEstimator):
+    """Shared state: after ``_fit`` the estimate is ``s(z) = a S_z / M + K_z c`` with ``a_`` (...)
+    and ``coef_`` c (..., M, d)."""
+
+    def _predict(self, q):
+        N, M = q.shape[-2], self._x.shape[-2]
+        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
+        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
+
+    def _predict_chunk(self, z):
+        x, M = self._x, self._x.shape[-2]
+        Kz, Sz = gram(z, x, kernel=self.kernel, bandwidth=self.bandwidth_, stein_term=True, backend=self.backend)
+        return (self.a_ / M)[..., None, None] * Sz + Kz @ self.coef_
+
+
+@register("kef")
+class KEFScoreEstimator(_KScoreBase):
+    """Tikhonov-regularised kscore estimator (kernel exponential family), diagonal kernel.
+
+    In sample (x: (..., M, d)):  ``G = -(K + M lam I)^{-1} S``   (== SGE with ``eta = M lam``).
+    Out of sample (z: (..., N, d)):  ``s(z) = -(S_z + K_z G) / (M lam)``
+    ``= -(1/lam) [zeta(z) - K_z (K + M lam I)^{-1} zeta(X)]``; equals G at the samples.
+
+    Args:
+        kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
+        lam: regulariser > 0 (finite). Default 3e-4 (= the SGE default eta 0.3 at M = 1000).
+        solver: "dense" (Cholesky of ``K + M lam I``), "matrix_free" (conjugate gradient on the fused
+            kernel product, O(M d) memory) or "auto" (dense while the batch's Gram matrices hold at
+            most 2^27 entries).
+        backend: backend of the fused ops.
+
+    After ``fit``: ``scores_`` (..., M, d), ``bandwidth_`` (...), ``a_`` (...) and ``coef_``
+    (..., M, d) of the representer ``s(z) = a S_z / M + K_z coef``.
+    """
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam=3e-4, solver="auto", backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+        self.lam = _check_lam(lam)
+        self.solver = _check_solver(solver)
+
+    def _fit(self, xc, h):
+        M = xc.shape[-2]
+        self.solver_ = _pick(self.solver, xc)
+        if self.solver_ == "dense":
+            K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
+            A = K + (M * self.lam) * torch.eye(M, dtype=K.dtype, device=K.device)
+            G = -torch.cholesky_solve(S, cholesky_jitter(A))
+        else:  # conjugate gradient on the fused kernel product, O(M d) memory
+            S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
+            eta = torch.full(xc.shape[:-2], M * self.lam, dtype=xc.dtype, device=xc.device)
+            G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend)
+        self.a_ = torch.full(xc.shape[:-2], -1.0 / self.lam, dtype=xc.dtype, device=xc.device)
+        self.coef_ = -G / (M * self.lam)
+        return G
+
+
+class _IterativeBase(_KScoreBase):
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, step=None, solver="auto",
+                 backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+        self.solver = _check_solver(solver)
+        if lam is None and n_iter is None:
+            raise ValueError("give lam (> 0) or n_iter (positive int)")
+        self.lam = None if lam is None else _check_lam(lam)
+        self.n_iter = None if n_iter is None else _check_n_iter(n_iter)
+        self.step = _check_step(step)
+
+    def _iterations(self) -> int:
+        raise NotImplementedError
+
+    def _fit(self, xc, h):
+        M = xc.shape[-2]
+        self.solver_ = _pick(self.solver, xc)
+        if self.solver_ == "dense":
+            K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
+            matvec = K.__matmul__
+        else:  # fused kernel products, never M x M
+            S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
+            def matvec(c):
+                return kernel_matvec(xc, xc, c, kernel=self.kernel, bandwidth=h, backend=self.backend)
+        if self.step is None:
+            step = 1.0 / (spectral_bound(matvec, like=xc) / M)
+        else:
+            step = torch.full(xc.shape[:-2], self.step, dtype=xc.dtype, device=xc.device)
+        self.step_ = step
+        self.n_iter_ = T = self._iterations()
+        a, c, v = self._run(matvec, S / M, step, T)
+        self.a_, self.coef_ = a, c
+        return v
+
+
+@register("landweber")
+class LandweberScoreEstimator(_IterativeBase):
+    """Landweber-iteration kscore estimator, diagonal kernel.
+
+    ``s_{t+1} = s_t - step (L s_t + zeta)``, ``s_0 = 0``, T steps; in sample
+    ``s_T(X) = -g_T(K/M) S / M`` with ``g_T(sig) = step sum_{t<T} (1 - step sig)^t
+    = (1 - (1 - step sig)^T) / sig``. Out of sample ``s_T(z) = -step T zeta(z) + K_z c_T`` (see the
+    module docstring). As T grows it tends to ``-(K/M)^+ S / M`` (the lam -> 0 limit of Tikhonov).
+
+    Args:
+        kernel, bandwidth, backend: as for the SGE.
+        lam: > 0; T = ceil(1/lam) steps (lam relative to the spectral bound, see the module).
+            Default 3e-3 (334 steps) when neither lam nor n_iter is given.
+        n_iter: positive int, the number of steps T (overrides lam).
+        step: step size (default ``1 / b``, b a rigorous bound on lambda_max(K/M)); needs
+            ``step * lambda_max(K/M) < 2``.
+        solver: "dense" (K from ``gram``, one (M x M)(M x d) product a step), "matrix_free" (fused
+            ``kernel_matvec``, O(M d) memory) or "auto" (dense up to 2^27 Gram entries per batch).
+
+    After ``fit``: ``scores_``, ``bandwidth_``, ``step_`` (...), ``n_iter_``, ``a_``, ``coef_``.
+    """
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, step=None, solver="auto",
+                 backend: str | None = None):
+        if lam is None and n_iter is None:
+            lam = 3e-3
+        super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
+                         backend=backend)
+
+    def _iterations(self):
+        return self.n_iter if self.n_iter is not None else max(1, math.ceil(1.0 / self.lam))
+
+    @staticmethod
+    def _run(matvec, Z, step, T):
+        M = Z.shape[-2]
+        st = step[..., None, None]
+        a = torch.zeros(step.shape, dtype=Z.dtype, device=Z.device)
+        c = torch.zeros_like(Z)
+        v = torch.zeros_like(Z)
+        for _ in range(T):
+            c = c - (st / M) * v
+            a = a - step
+            v = a[..., None, None] * Z + matvec(c)
+        return a, c, v
+
+
+def nu_coefficients(k: int, nu: float) -> tuple[float, float]:
+    """(mu_k, omega_k) of the nu-method, k >= 1 (mu_1 = 0, omega_1 = (4 nu + 2) / (4 nu + 1))."""
+    if k == 1:
+        return 0.0, (4 * nu + 2) / (4 * nu + 1)
+    mu = (k - 1) * (2 * k - 3) * (2 * k + 2 * nu - 1) / ((k + 2 * nu - 1) * (2 * k + 4 * nu - 1) * (2 * k + 2 * nu - 3))
+    omega = 4 * (2 * k + 2 * nu - 1) * (k + nu - 1) / ((k + 2 * nu - 1) * (2 * k + 4 * nu - 1))
+    return mu, omega
+
+
+@register("nu")
+class NuMethodScoreEstimator(_IterativeBase):
+    """nu-method (accelerated Landweber) kscore estimator, diagonal kernel.
+
+    ``s_k = s_{k-1} + mu_k (s_{k-1} - s_{k-2}) - omega_k step (L s_{k-1} + zeta)``, ``s_0 = 0``
+    (coefficients in ``nu_coefficients``); T = ceil(lam^{-1/2}) steps give about the regularisation
+    of Landweber with ceil(1/lam). In sample ``s_T(X) = -g_T(K/M) S / M`` with g_T a polynomial filter
+    of degree T - 1; out of sample ``s_T(z) = a_T zeta(z) + K_z c_T``.
+
+    Args:
+        kernel, bandwidth, backend: as for the SGE.
+        lam: > 0; T = ceil(lam^{-1/2}) (default 1e-3: 32 steps). n_iter: positive int T (overrides lam).
+        nu: > 0 (default 1), the qualification of the method.
+        step: step size (default ``1 / b``, b a rigorous bound on lambda_max(K/M)); needs
+            ``step * lambda_max(K/M) <= 1``.
+        solver: "dense", "matrix_free" or "auto", as for Landweber.
+
+    After ``fit``: ``scores_``, ``bandwidth_``, ``step_`` (...), ``n_iter_``, ``a_``, ``coef_``.
+    """
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, nu=1.0, step=None,
+                 solver="auto", backend: str | None = None):
+        if lam is None and n_iter is None:
+            lam = 1e-3
+        super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
+                         backend=backend)
+        if isinstance(nu, bool) or not isinstance(nu, numbers.Real) or not math.isfinite(float(nu)) or nu <= 0:
+            raise ValueError(f"nu must be a positive finite number, got {nu!r}")
+        self.nu = float(nu)
+
+    def _iterations(self):
+        return self.n_iter if self.n_iter is not None else max(1, math.ceil(self.lam ** -0.5))
+
+    def _run(self, matvec, Z, step, T):
+        M = Z.shape[-2]
+        st = step[..., None, None]
+        a_prev = torch.zeros(step.shape, dtype=Z.dtype, device=Z.device)
+        c_prev = torch.zeros_like(Z)
+        a, c, v = a_prev, c_prev, torch.zeros_like(Z)
+        for k in range(1, T + 1):
+            mu, om = nu_coefficients(k, self.nu)
+            a_new = a + mu * (a - a_prev) - om * step
+            c_new = c + mu * (c - c_prev) - (om / M) * st * v
+            a_prev, c_prev, a, c = a, c, a_new, c_new
+            v = a[..., None, None] * Z + matvec(c)
+        return a, c, v
