@@ -176,11 +176,11 @@ def test_registry_and_defaults():
 
 
 def test_predict_chunks_queries(monkeypatch):
-    from steinops.estimators import spectral
+    from steinops.estimators import base
     x, q = torch.randn(40, 2, dtype=torch.float64), torch.randn(25, 2, dtype=torch.float64)
     est = SpectralScoreEstimator().fit(x)
     full = est.predict(q)
-    monkeypatch.setattr(spectral, "QUERY_CHUNK_ENTRIES", 40 * 7)  # 7 queries per chunk
+    monkeypatch.setattr(base, "QUERY_CHUNK_ENTRIES", 40 * 7)  # 7 queries per chunk
     torch.testing.assert_close(est.predict(q), full)
 
 

@@ -68,10 +68,10 @@ def test_out_of_sample_equals_appending_the_query(kernel, solver):
 
 
 def test_predict_chunks_queries(monkeypatch):
-    from steinops.estimators import stein
+    from steinops.estimators import base
     x, q = torch.randn(40, 2, dtype=torch.float64), torch.randn(25, 2, dtype=torch.float64)
     full = steinops.stein_score(x, q)
-    monkeypatch.setattr(stein, "QUERY_CHUNK_ENTRIES", 40 * 7)  # 7 queries per chunk
+    monkeypatch.setattr(base, "QUERY_CHUNK_ENTRIES", 40 * 7)  # 7 queries per chunk
     torch.testing.assert_close(steinops.stein_score(x, q), full)
 
 

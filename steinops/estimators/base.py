@@ -6,10 +6,12 @@
     est.bandwidth_         # (...) bandwidth used per sample set
 
 Subclasses implement ``_fit(xc, h)`` on centred samples (float32/float64, batch dims kept) and
-``_predict(zc)`` on centred queries; the base class does validation, half-precision upcasting,
+``_predict_chunk(zc)`` on a chunk of centred queries; the base class does validation, half-precision upcasting,
 bandwidth selection, centring and output casting, so every estimator treats its arguments alike.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,6 +21,10 @@ from ..kernels import get_kernel
 from .autotune import tune
 
 ESTIMATORS: dict[str, type] = {}
+# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
+QUERY_CHUNK_ENTRIES = 2**24
+# Dense solves / eigendecompositions up to this many Gram entries over the whole batch (0.5 GB in float32).
+DENSE_MAX_ENTRIES = 2**27
 
 
 def register(name: str):
@@ -92,7 +98,11 @@ class ScoreEstimator:
         _checks.finite("query", query)
         if query.shape[-1] != self._x.shape[-1]:
             raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
-        return self._predict(query.to(self._x.dtype) - self._centre).to(self._out_dtype)
+        q = query.to(self._x.dtype) - self._centre
+        N, M = q.shape[-2], self._x.shape[-2]
+        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))  # memory O(chunk x M)
+        out = [self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)]
+        return torch.cat(out, -2).to(self._out_dtype)
 
     def _tune_kwargs(self) -> dict:
         """Arguments for ``autotune.tune`` beyond the bandwidth grid (e.g. a fixed knob value)."""
@@ -103,6 +113,6 @@ class ScoreEstimator:
         """Centred samples (..., M, d) and bandwidth (...) -> in-sample scores (..., M, d)."""
         raise NotImplementedError
 
-    def _predict(self, z: torch.Tensor) -> torch.Tensor:
-        """Centred queries (..., N, d) -> scores (..., N, d)."""
+    def _predict_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Centred queries (..., n, d), one chunk -> scores (..., n, d)."""
         raise NotImplementedError

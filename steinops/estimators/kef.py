@@ -63,14 +63,10 @@ from ..ops.kernel_matvec import kernel_matvec
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._kernel_system import kernel_solve
-from .base import ScoreEstimator, register
+from .base import DENSE_MAX_ENTRIES, ScoreEstimator, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
-# Dense Gram matrices up to this many entries over the whole batch (2^27 floats: 0.5 GB in float32).
-DENSE_MAX_ENTRIES = 2**27
 
-# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
-QUERY_CHUNK_ENTRIES = 2**24
 POWER_ITERS = 8
 
 
@@ -128,11 +124,6 @@ def _pick(solver, xc):
 class _KScoreBase(ScoreEstimator):
     """Shared state: after ``_fit`` the estimate is ``s(z) = a S_z / M + K_z c`` with ``a_`` (...)
     and ``coef_`` c (..., M, d)."""
-
-    def _predict(self, q):
-        N, M = q.shape[-2], self._x.shape[-2]
-        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
-        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
 
     def _predict_chunk(self, z):
         x, M = self._x, self._x.shape[-2]

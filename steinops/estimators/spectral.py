@@ -53,8 +53,6 @@ from ..ops.gram import gram
 from .base import ScoreEstimator, register
 
 DEFAULT_EIG_MASS = 0.99
-# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
-QUERY_CHUNK_ENTRIES = 2**24
 
 
 def _check_n_eigen(n_eigen):
@@ -137,11 +135,6 @@ class SpectralScoreEstimator(ScoreEstimator):
         self.beta_ = -inv[..., None] * W / math.sqrt(M)
         self._C = -U @ (inv[..., None] ** 2 * W)
         return -U @ (inv[..., None] * W)
-
-    def _predict(self, q):
-        N, M = q.shape[-2], self._x.shape[-2]
-        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
-        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
 
     def _predict_chunk(self, z):
         Kq = gram(z, self._x, kernel=self.kernel, bandwidth=self.bandwidth_, backend=self.backend)  # (..., n, M)

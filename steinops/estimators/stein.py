@@ -29,14 +29,10 @@ from ..ops.gram import gram
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._kernel_system import kernel_solve
-from .base import ScoreEstimator, register
+from .base import DENSE_MAX_ENTRIES, ScoreEstimator, register
 
 DEFAULT_ETA = 0.3
 SOLVERS = ("auto", "cholesky", "cg")
-# Dense solves up to this many Gram entries over the whole batch (2^27 floats: 0.5 GB in float32).
-DENSE_MAX_ENTRIES = 2**27
-# Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
-QUERY_CHUNK_ENTRIES = 2**24
 
 
 def _eta_tensor(eta, batch_shape, like):
@@ -115,12 +111,6 @@ class SteinScoreEstimator(ScoreEstimator):
             return torch.cholesky_solve(B, self._L)
         return kernel_solve(self._x, B, self.bandwidth_, self.eta_, kernel=self.kernel, backend=self.backend,
                             rtol=self.cg_rtol, max_iter=self.cg_max_iter)
-
-    def _predict(self, q):
-        """Li & Turner's rule, equal to appending each query to the samples; chunks keep memory O(chunk x M)."""
-        N, M = q.shape[-2], self._x.shape[-2]
-        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))
-        return torch.cat([self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)], -2)
 
     def _predict_chunk(self, z):
         x, G, h, eta = self._x, self._G, self.bandwidth_, self.eta_
