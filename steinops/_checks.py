@@ -73,23 +73,28 @@ def positive_number(name: str, value) -> float:
     return value
 
 
-def bandwidth_tensor(bandwidth, batch_shape, like: torch.Tensor) -> torch.Tensor:
-    """The bandwidth as a tensor of shape ``batch_shape`` (a number, or a tensor broadcastable to it)."""
-    if isinstance(bandwidth, torch.Tensor):
-        if not bandwidth.is_floating_point():
-            raise TypeError(f"bandwidth must be a floating tensor, got {bandwidth.dtype}")
-        if bandwidth.device != like.device:
-            raise ValueError(f"bandwidth is on {bandwidth.device} but the points are on {like.device}")
+def per_batch_positive(name: str, value, batch_shape, like: torch.Tensor) -> torch.Tensor:
+    """A positive, finite parameter as a tensor of shape ``batch_shape`` (dtype/device of ``like``):
+    a number, or a floating tensor broadcastable to the batch shape (kept differentiable)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but the points are on {like.device}")
         try:
-            h = bandwidth.to(like.dtype).expand(batch_shape)
+            t = value.to(like.dtype).expand(batch_shape)
         except RuntimeError:
             raise ValueError(
-                f"bandwidth of shape {tuple(bandwidth.shape)} does not broadcast to the batch shape {tuple(batch_shape)}"
+                f"{name} of shape {tuple(value.shape)} does not broadcast to the batch shape {tuple(batch_shape)}"
             ) from None
-        if value_checks_enabled() and not bool(((h > 0) & torch.isfinite(h)).all()):
-            raise ValueError("bandwidth must be positive and finite")
-        return h
+        if value_checks_enabled() and not bool(((t > 0) & torch.isfinite(t)).all()):
+            raise ValueError(f"{name} must be positive and finite")
+        return t
+    return torch.full(batch_shape, positive_number(name, value), dtype=like.dtype, device=like.device)
+
+
+def bandwidth_tensor(bandwidth, batch_shape, like: torch.Tensor) -> torch.Tensor:
+    """The bandwidth as a tensor of shape ``batch_shape`` (a number, or a tensor broadcastable to it)."""
     if isinstance(bandwidth, str):
         raise ValueError(f"the ops take a numeric bandwidth; got {bandwidth!r} (named heuristics belong to the estimators)")
-    h = positive_number("bandwidth", bandwidth)
-    return torch.full(batch_shape, h, dtype=like.dtype, device=like.device)
+    return per_batch_positive("bandwidth", bandwidth, batch_shape, like)

@@ -27,6 +27,11 @@ QUERY_CHUNK_ENTRIES = 2**24
 DENSE_MAX_ENTRIES = 2**27
 
 
+def dense_fits(x: torch.Tensor) -> bool:
+    """Whether the Gram matrices of the sample sets x (..., M, d) fit the dense-solve budget."""
+    return math.prod(x.shape[:-2]) * x.shape[-2] ** 2 <= DENSE_MAX_ENTRIES
+
+
 def register(name: str):
     """Class decorator adding an estimator to the registry under ``name``."""
     def deco(cls):

@@ -63,7 +63,7 @@ from ..ops.kernel_matvec import kernel_matvec
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._kernel_system import kernel_solve
-from .base import DENSE_MAX_ENTRIES, ScoreEstimator, register
+from .base import ScoreEstimator, dense_fits, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
 
@@ -117,8 +117,7 @@ def _check_solver(solver) -> str:
 def _pick(solver, xc):
     if solver != "auto":
         return solver
-    M = xc.shape[-2]
-    return "dense" if math.prod(xc.shape[:-2]) * M * M <= DENSE_MAX_ENTRIES else "matrix_free"
+    return "dense" if dense_fits(xc) else "matrix_free"
 
 
 class _KScoreBase(ScoreEstimator):

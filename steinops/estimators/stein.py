@@ -19,8 +19,6 @@ Defaults (measured against exact scores; the table is in the docstring of ``stei
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks
@@ -29,7 +27,7 @@ from ..ops.gram import gram
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._kernel_system import kernel_solve
-from .base import DENSE_MAX_ENTRIES, ScoreEstimator, register
+from .base import ScoreEstimator, dense_fits, register
 
 DEFAULT_ETA = 0.3
 SOLVERS = ("auto", "cholesky", "cg")
@@ -40,16 +38,7 @@ def _eta_tensor(eta, batch_shape, like):
         if eta.lower() != "auto":
             raise ValueError(f"eta must be a positive number, a tensor, or 'auto'; got {eta!r}")
         eta = DEFAULT_ETA
-    if isinstance(eta, torch.Tensor):
-        if not eta.is_floating_point():
-            raise TypeError(f"eta must be a floating tensor, got {eta.dtype}")
-        if _checks.value_checks_enabled() and not bool(((eta > 0) & torch.isfinite(eta)).all()):
-            raise ValueError("eta must be positive and finite")
-        try:
-            return eta.to(like).expand(batch_shape)
-        except RuntimeError:
-            raise ValueError(f"eta of shape {tuple(eta.shape)} does not broadcast to the batch shape {tuple(batch_shape)}") from None
-    return torch.full(batch_shape, _checks.positive_number("eta", eta), dtype=like.dtype, device=like.device)
+    return _checks.per_batch_positive("eta", eta, batch_shape, like)
 
 
 @register("stein")
@@ -95,7 +84,7 @@ class SteinScoreEstimator(ScoreEstimator):
         eta = _eta_tensor(eta, batch, xc)
         solver = self.solver
         if solver == "auto":
-            solver = "cholesky" if math.prod(batch) * M * M <= DENSE_MAX_ENTRIES else "cg"
+            solver = "cholesky" if dense_fits(xc) else "cg"
         self.solver_, self.eta_ = solver, eta
         if solver == "cholesky":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)

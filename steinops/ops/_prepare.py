@@ -51,7 +51,7 @@ def prepare_pair(x, y, bandwidth, backend, *, x_name="x", y_name="y", extra=()):
         ) from None
     name = backends.resolve(backend, device)
     cdtype = compute_dtype(dtype, name)
-    h = _checks.bandwidth_tensor(bandwidth, batch_shape, x.to(cdtype)).reshape(-1)
+    h = _checks.bandwidth_tensor(bandwidth, batch_shape, x.new_empty(0, dtype=cdtype)).reshape(-1)
     centre = y.detach().mean(-2, keepdim=True)
     xc = flatten_batch((x - centre).to(cdtype), batch_shape)
     yc = flatten_batch((y - centre).to(cdtype), batch_shape)

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _checks
 from ..kernels import get_kernel
 from . import backends
-from ._prepare import prepare_pair
+from ._prepare import flatten_batch, prepare_pair
 
 
 @torch.library.custom_op("steinops::kmv", mutates_args=())
@@ -85,6 +85,6 @@ def kernel_matvec(x: Tensor, y: Tensor, v: Tensor, *, kernel="rbf", bandwidth, b
     xc, yc, h, batch, name, dtype = prepare_pair(x, y, bandwidth, backend, extra=(("v", v),))
     if v.shape[-2] != y.shape[-2]:
         raise ValueError(f"v must have one row per sample of y: v has {v.shape[-2]} rows, y has {y.shape[-2]}")
-    vf = v.expand(*batch, *v.shape[-2:]).reshape(-1, *v.shape[-2:]).to(xc.dtype).contiguous()
+    vf = flatten_batch(v.to(xc.dtype), batch)
     out = _kmv(xc, yc, vf, h, get_kernel(kernel).kid, name)
     return out.reshape(*batch, x.shape[-2], v.shape[-1]).to(dtype)

@@ -53,6 +53,17 @@ def _block_r2(xb: Tensor, x: Tensor, sqb: Tensor, sq: Tensor) -> Tensor:
     return (sqb.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * xb @ x.transpose(-1, -2)).clamp_min(0)
 
 
+def _u_blocks(x: Tensor, h: Tensor):
+    """Row blocks ``(start, rows, xb, u)`` with ``u = 1 + |xb_i - x_j|^2 / h^2`` of shape (B, rows, M)."""
+    B, M, _ = x.shape
+    sq = (x * x).sum(-1)
+    inv_h2 = (1.0 / (h * h)).reshape(-1, 1, 1)
+    starts, rows = _row_chunks(B, M)
+    for s in starts:
+        xb = x[:, s:s + rows]
+        yield s, rows, xb, 1 + _block_r2(xb, x, sq[:, s:s + rows], sq) * inv_h2
+
+
 class _PentaSum(torch.autograd.Function):
     """``T_b = sum_ij (1 + |x_i - x_j|^2 / h_b^2)^(-5/2)`` for x (B, M, d), h (B,), chunked over rows.
 
@@ -62,14 +73,8 @@ class _PentaSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h):
-        B, M, _ = x.shape
-        sq = (x * x).sum(-1)
-        inv_h2 = (1.0 / (h * h)).reshape(-1, 1, 1)
-        total = x.new_zeros(B)
-        starts, rows = _row_chunks(B, M)
-        for s in starts:
-            xb = x[:, s:s + rows]
-            u = 1 + _block_r2(xb, x, sq[:, s:s + rows], sq) * inv_h2
+        total = x.new_zeros(x.shape[0])
+        for _, _, _, u in _u_blocks(x, h):
             total = total + (u.rsqrt() ** 5).sum((1, 2))
         ctx.save_for_backward(x, h)
         return total
@@ -78,14 +83,9 @@ class _PentaSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, h = ctx.saved_tensors
-        B, M, _ = x.shape
-        sq = (x * x).sum(-1)
         inv_h2 = (1.0 / (h * h)).reshape(-1, 1, 1)
         gx = torch.empty_like(x)
-        starts, rows = _row_chunks(B, M)
-        for s in starts:
-            xb = x[:, s:s + rows]
-            u = 1 + _block_r2(xb, x, sq[:, s:s + rows], sq) * inv_h2
+        for s, rows, xb, u in _u_blocks(x, h):
             wp = -2.5 * u.rsqrt() ** 7 * inv_h2  # dw/dr2
             gx[:, s:s + rows] = 4 * (wp.sum(-1, keepdim=True) * xb - wp @ x)
         dh = -(x * gx).sum((1, 2)) / h if ctx.needs_input_grad[1] else None
