@@ -1,11 +1,15 @@
-"""Matrix-free solves with ``A = K(x, x) + eta I`` and their implicit-function gradients.
+"""Matrix-free solves ``X = A(p)^{-1} B`` for a symmetric positive definite operator A(p) given by
+its product, with implicit-function gradients; the kernel systems ``K(x, x) + eta I`` (diagonal or
+curl-free kernel) are instances.
 
-``X = A^{-1} B`` is found by conjugate gradient, each iteration one fused kernel product. Backward
-(A symmetric): ``lam = A^{-1} gX``, ``dB = lam``, ``d eta = -sum lam . X``, and the gradients in
-x and h are those of ``-sum lam . (K(x, x) X)`` with X and lam held fixed: one more fused product's
-backward. Nothing of size M x M is formed.
+Forward: conjugate gradient, one operator product per iteration. Backward (A symmetric):
+``lam = A^{-1} gX``, ``dB = lam``, and the gradients in the parameters p (points x, bandwidth h,
+regulariser eta) are those of ``-sum lam . (A(p) X)`` with X and lam held fixed: one more product's
+backward. Nothing of size M x M is formed when the product is matrix-free.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -18,44 +22,52 @@ def default_rtol(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == torch.float64 else 1e-5
 
 
-class _KernelSolve(torch.autograd.Function):
+class _OperatorSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, B, h, eta, kernel, backend, rtol, max_iter):
+    def forward(ctx, B, product, rtol, max_iter, what, *params):
         def matvec(V):
-            return kernel_matvec(x, x, V, kernel=kernel, bandwidth=h, backend=backend) + eta.unsqueeze(-1).unsqueeze(-1) * V
+            return product(*params, V)
 
         with torch.no_grad():
-            X, _, _ = conjugate_gradient(matvec, B, rtol=rtol, max_iter=max_iter, what="CG solve of (K + eta I) X = B")
-        ctx.save_for_backward(x, h, eta, X)
-        ctx.args = (kernel, backend, rtol, max_iter)
-        ctx.matvec = matvec
+            X, _, _ = conjugate_gradient(matvec, B, rtol=rtol, max_iter=max_iter, what=f"CG solve of {what}")
+        ctx.save_for_backward(X, *params)
+        ctx.args = (product, rtol, max_iter, what)
         return X
 
     @staticmethod
     def backward(ctx, gX):
-        x, h, eta, X = ctx.saved_tensors
-        kernel, backend, rtol, max_iter = ctx.args
+        X, *params = ctx.saved_tensors
+        product, rtol, max_iter, what = ctx.args
         with torch.no_grad():
-            lam, _, _ = conjugate_gradient(ctx.matvec, gX.contiguous(), rtol=rtol, max_iter=max_iter,
-                                           what="CG solve in the backward of (K + eta I) X = B")
-        dx = dh = deta = None
-        need_x, _, need_h, need_eta = ctx.needs_input_grad[:4]
-        if need_x or need_h:
+            lam, _, _ = conjugate_gradient(lambda V: product(*params, V), gX.contiguous(), rtol=rtol,
+                                           max_iter=max_iter, what=f"CG solve in the backward of {what}")
+        need = ctx.needs_input_grad[5:]
+        grads = [None] * len(params)
+        if any(need):
             with torch.enable_grad():
-                xx = x.detach().requires_grad_(need_x)
-                hh = h.detach().requires_grad_(need_h)
-                f = -(lam * kernel_matvec(xx, xx, X, kernel=kernel, bandwidth=hh, backend=backend)).sum()
-                wrt = [t for t, n in ((xx, need_x), (hh, need_h)) if n]
-                grads = list(torch.autograd.grad(f, wrt))
-            dx = grads.pop(0) if need_x else None
-            dh = grads.pop(0) if need_h else None
-        if need_eta:
-            deta = -(lam * X).sum((-2, -1))
-        return dx, lam, dh, deta, None, None, None, None
+                leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need)]
+                f = -(lam * product(*leaves, X)).sum()
+                wrt = [p for p, n in zip(leaves, need) if n]
+                found = iter(torch.autograd.grad(f, wrt, allow_unused=True))
+                grads = [next(found) if n else None for n in need]
+        return (lam, None, None, None, None, *grads)
+
+
+def operator_solve(product: Callable, params: tuple, B: torch.Tensor, *, rtol=None, max_iter=None,
+                   what: str = "A X = B") -> torch.Tensor:
+    """``A(params)^{-1} B`` by CG, differentiable in B and every tensor in ``params``.
+
+    ``product(*params, V)`` returns ``A(params) V`` for V shaped like B (..., M, E); it must be
+    symmetric positive definite in V and written in differentiable torch ops.
+    """
+    rtol = default_rtol(B.dtype) if rtol is None else rtol
+    max_iter = max(100, 2 * B.shape[-2]) if max_iter is None else max_iter
+    return _OperatorSolve.apply(B, product, rtol, max_iter, what, *params)
 
 
 def kernel_solve(x, B, h, eta, *, kernel, backend=None, rtol=None, max_iter=None):
     """``(K(x, x) + eta I)^{-1} B`` by matrix-free CG. x (..., M, d), B (..., M, E), h and eta (...)."""
-    rtol = default_rtol(x.dtype) if rtol is None else rtol
-    max_iter = max(100, 2 * x.shape[-2]) if max_iter is None else max_iter
-    return _KernelSolve.apply(x, B, h, eta, kernel, backend, rtol, max_iter)
+    def product(x, h, eta, V):
+        return kernel_matvec(x, x, V, kernel=kernel, bandwidth=h, backend=backend) + eta[..., None, None] * V
+
+    return operator_solve(product, (x, h, eta), B, rtol=rtol, max_iter=max_iter, what="(K + eta I) X = B")

@@ -96,18 +96,22 @@ class ScoreEstimator:
 
     def predict(self, query: torch.Tensor) -> torch.Tensor:
         """Out-of-sample estimates at ``query`` (..., N, d) (batch dims broadcast with the fit's)."""
+        q = self._centred_query(query, "predict(query)")
+        N, M = q.shape[-2], self._x.shape[-2]
+        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))  # memory O(chunk x M)
+        out = [self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)]
+        return torch.cat(out, -2).to(self._out_dtype)
+
+    def _centred_query(self, query: torch.Tensor, what: str) -> torch.Tensor:
+        """Validated queries (..., N, d), in the fit's dtype, centred like the samples."""
         if not hasattr(self, "_G"):
-            raise RuntimeError("call fit(x) before predict(query)")
+            raise RuntimeError(f"call fit(x) before {what}")
         _checks.points("query", query, check_finite=False)
         _checks.same_device(query=query, x=self._x)
         _checks.finite("query", query)
         if query.shape[-1] != self._x.shape[-1]:
             raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
-        q = query.to(self._x.dtype) - self._centre
-        N, M = q.shape[-2], self._x.shape[-2]
-        chunk = max(1, QUERY_CHUNK_ENTRIES // max(1, M * math.prod(self._x.shape[:-2])))  # memory O(chunk x M)
-        out = [self._predict_chunk(q[..., i:i + chunk, :]) for i in range(0, N, chunk)]
-        return torch.cat(out, -2).to(self._out_dtype)
+        return query.to(self._x.dtype) - self._centre
 
     def _tune_kwargs(self) -> dict:
         """Arguments for ``autotune.tune`` beyond the bandwidth grid (e.g. a fixed knob value)."""

@@ -1,5 +1,6 @@
-"""Regularised-regression ("kscore") score estimators with a diagonal kernel: Tikhonov / kernel
-exponential family, Landweber iteration and the nu-method (Zhou, Shi, Zhu, ICML 2020).
+"""Regularised-regression ("kscore") score estimators: Tikhonov / kernel exponential family,
+Landweber iteration and the nu-method (Zhou, Shi, Zhu, ICML 2020), with a diagonal kernel (below)
+or a curl-free matrix kernel (``curl_free=True``, last section).
 
 Set-up. Samples ``x^1..x^M`` of q in R^d, a scalar kernel k (RBF or IMQ) used diagonally, i.e. each
 of the d components of the score lives in the scalar RKHS H of k. Score matching with the Stein
@@ -50,6 +51,17 @@ never below ``lambda_max`` (so Landweber and the nu-method are stable). ``b <= t
 The step size is computed without gradient (a data-chosen hyper-parameter, like the bandwidth rule);
 pass ``step=`` to fix it. The regularisation of ``lam`` is therefore relative to ``b``: Landweber
 with ``lam`` behaves like Tikhonov with ``lam * b`` (``g_T(0) = T / b ~ 1 / (lam b)``).
+
+Curl-free kernel (``curl_free=True``). Every formula above holds with the scalar RKHS H^d replaced by
+the vector-valued RKHS of ``K(z, y) = h^2 grad_z grad_y^T k(z, y)`` (d x d blocks, see ``_curl_free``):
+K becomes the (M d) x (M d) Gram matrix, ``K_z`` its (d, M d) query rows and ``zeta`` the curl-free
+divergence representer ``(h^2 / M) sum_m grad_z Lap_y k(z, x^m)``. Both ``zeta`` and every ``K_z c`` are
+gradients, so the estimate ``s = a zeta + K c`` is an exact gradient field (its Jacobian is symmetric)
+and ``log_density(z)`` returns its potential, an unnormalised log-density. The products are applied
+blockwise (O(block x M) memory); "dense" (Cholesky or products with the (M d) x (M d) matrix) is used by
+"auto" only while the batch holds at most 2^24 such entries. For Landweber and the nu-method the step
+bound ``b`` is the Collatz-Wielandt bound of the matrix of block norms ``||K(x^i, x^m)||_2``
+(rigorous, about 2x above lambda_max on the toys).
 """
 from __future__ import annotations
 
@@ -62,8 +74,9 @@ from ..ops.gram import gram
 from ..ops.kernel_matvec import kernel_matvec
 from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
-from ._kernel_system import kernel_solve
-from .base import ScoreEstimator, dense_fits, register
+from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
+from ._kernel_system import kernel_solve, operator_solve
+from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
 
@@ -114,25 +127,83 @@ def _check_solver(solver) -> str:
     return solver.lower()
 
 
-def _pick(solver, xc):
+# Curl-free dense solves work on (M d) x (M d) matrices: up to this many entries over the batch.
+CURL_FREE_DENSE_MAX_ENTRIES = DENSE_MAX_ENTRIES // 8
+
+
+def _pick(solver, xc, curl_free=False):
     if solver != "auto":
         return solver
+    if curl_free:
+        fits = math.prod(xc.shape[:-2]) * (xc.shape[-2] * xc.shape[-1]) ** 2 <= CURL_FREE_DENSE_MAX_ENTRIES
+        return "dense" if fits else "matrix_free"
     return "dense" if dense_fits(xc) else "matrix_free"
+
+
+def _check_curl_free(curl_free) -> bool:
+    if not isinstance(curl_free, bool):
+        raise TypeError(f"curl_free must be True or False, got {curl_free!r}")
+    return curl_free
+
+
+def _curl_free_solve(xc, S, h, eta, kernel):
+    """``(K + eta I)^{-1} S`` for the curl-free Gram K of xc, by matrix-free CG; S (..., M, d)."""
+    # K mixes the d columns, so CG runs on the flattened (M d)-vector (one step size per sample set)
+    shape = S.shape
+
+    def product(x, h, eta, v):
+        V = v.reshape(shape)
+        return (curl_free_matvec(x, V, h, kernel=kernel) + eta[..., None, None] * V).reshape(v.shape)
+
+    flat = S.reshape(*shape[:-2], shape[-2] * shape[-1], 1)
+    return operator_solve(product, (xc, h, eta), flat, what="(K_curl_free + eta I) X = B").reshape(shape)
 
 
 class _KScoreBase(ScoreEstimator):
     """Shared state: after ``_fit`` the estimate is ``s(z) = a S_z / M + K_z c`` with ``a_`` (...)
-    and ``coef_`` c (..., M, d)."""
+    and ``coef_`` c (..., M, d); K is the diagonal kernel ``k I`` or the curl-free kernel
+    ``h^2 grad grad^T k`` (``curl_free=True``, see ``_curl_free``)."""
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", curl_free=False, backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+        self.curl_free = _check_curl_free(curl_free)
+
+    def _tune_kwargs(self):
+        return {"curl_free": self.curl_free}
 
     def _predict_chunk(self, z):
         x, M = self._x, self._x.shape[-2]
+        if self.curl_free:
+            return curl_free_apply(z, x, self.bandwidth_, kernel=self.kernel, coef=self.coef_, weight=self.a_ / M)[0]
         Kz, Sz = gram(z, x, kernel=self.kernel, bandwidth=self.bandwidth_, stein_term=True, backend=self.backend)
         return (self.a_ / M)[..., None, None] * Sz + Kz @ self.coef_
+
+    def _system(self, xc, h):
+        """``(S, product)``: the Stein term S (..., M, d) and the Gram product ``c -> K c``."""
+        if self.curl_free:
+            return (curl_free_stein_term(xc, h, kernel=self.kernel),
+                    lambda c: curl_free_matvec(xc, c, h, kernel=self.kernel))
+        S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
+        return S, lambda c: kernel_matvec(xc, xc, c, kernel=self.kernel, bandwidth=h, backend=self.backend)
+
+    def log_density(self, query: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-density ``f(z)`` (..., N) whose gradient is ``predict(z)`` (curl_free=True only).
+
+        ``f(z) = a h^2 / M sum_m Lap_y k(z, x^m) + h^2 sum_m c_m . grad_y k(z, x^m)``, defined up to an
+        additive constant per sample set (differences between points are meaningful; it is not normalised).
+        """
+        if not self.curl_free:
+            raise ValueError("log_density needs curl_free=True: with a diagonal kernel the estimate is not a gradient field")
+        q = self._centred_query(query, "log_density(query)")
+        M = self._x.shape[-2]
+        f = curl_free_apply(q, self._x, self.bandwidth_, kernel=self.kernel, coef=self.coef_, weight=self.a_ / M,
+                            field=False, potential=True)[1]
+        return f.to(self._out_dtype)
 
 
 @register("kef")
 class KEFScoreEstimator(_KScoreBase):
-    """Tikhonov-regularised kscore estimator (kernel exponential family), diagonal kernel.
+    """Tikhonov-regularised kscore estimator (kernel exponential family), diagonal or curl-free kernel.
 
     In sample (x: (..., M, d)):  ``G = -(K + M lam I)^{-1} S``   (== SGE with ``eta = M lam``).
     Out of sample (z: (..., N, d)):  ``s(z) = -(S_z + K_z G) / (M lam)``
@@ -141,6 +212,8 @@ class KEFScoreEstimator(_KScoreBase):
     Args:
         kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
         lam: regulariser > 0 (finite). Default 3e-4 (= the SGE default eta 0.3 at M = 1000).
+        curl_free: False (diagonal kernel ``k I``) or True (curl-free kernel: the estimate is a gradient
+            field and ``log_density`` is available; see the module docstring).
         solver: "dense" (Cholesky of ``K + M lam I``), "matrix_free" (conjugate gradient on the fused
             kernel product, O(M d) memory) or "auto" (dense while the batch's Gram matrices hold at
             most 2^27 entries).
@@ -150,21 +223,30 @@ class KEFScoreEstimator(_KScoreBase):
     (..., M, d) of the representer ``s(z) = a S_z / M + K_z coef``.
     """
 
-    def __init__(self, kernel="rbf", *, bandwidth="median", lam=3e-4, solver="auto", backend: str | None = None):
-        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam=3e-4, solver="auto", curl_free=False,
+                 backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, curl_free=curl_free, backend=backend)
         self.lam = _check_lam(lam)
         self.solver = _check_solver(solver)
 
     def _fit(self, xc, h):
-        M = xc.shape[-2]
-        self.solver_ = _pick(self.solver, xc)
-        if self.solver_ == "dense":
+        *batch, M, d = xc.shape
+        self.solver_ = _pick(self.solver, xc, self.curl_free)
+        eta = torch.full(batch, M * self.lam, dtype=xc.dtype, device=xc.device)
+        if self.curl_free:
+            S = curl_free_stein_term(xc, h, kernel=self.kernel)
+            if self.solver_ == "dense":  # (M d) x (M d) Cholesky, row index m * d + i
+                A = curl_free_gram(xc, h, kernel=self.kernel)
+                A = A + eta[..., None, None] * torch.eye(M * d, dtype=A.dtype, device=A.device)
+                G = -torch.cholesky_solve(S.reshape(*batch, M * d, 1), cholesky_jitter(A)).reshape(S.shape)
+            else:
+                G = -_curl_free_solve(xc, S, h, eta, self.kernel)
+        elif self.solver_ == "dense":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + (M * self.lam) * torch.eye(M, dtype=K.dtype, device=K.device)
             G = -torch.cholesky_solve(S, cholesky_jitter(A))
         else:  # conjugate gradient on the fused kernel product, O(M d) memory
             S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
-            eta = torch.full(xc.shape[:-2], M * self.lam, dtype=xc.dtype, device=xc.device)
             G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend)
         self.a_ = torch.full(xc.shape[:-2], -1.0 / self.lam, dtype=xc.dtype, device=xc.device)
         self.coef_ = -G / (M * self.lam)
@@ -173,8 +255,8 @@ class KEFScoreEstimator(_KScoreBase):
 
 class _IterativeBase(_KScoreBase):
     def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, step=None, solver="auto",
-                 backend: str | None = None):
-        super().__init__(kernel, bandwidth=bandwidth, backend=backend)
+                 curl_free=False, backend: str | None = None):
+        super().__init__(kernel, bandwidth=bandwidth, curl_free=curl_free, backend=backend)
         self.solver = _check_solver(solver)
         if lam is None and n_iter is None:
             raise ValueError("give lam (> 0) or n_iter (positive int)")
@@ -186,16 +268,22 @@ class _IterativeBase(_KScoreBase):
         raise NotImplementedError
 
     def _fit(self, xc, h):
-        M = xc.shape[-2]
-        self.solver_ = _pick(self.solver, xc)
+        *batch, M, d = xc.shape
+        self.solver_ = _pick(self.solver, xc, self.curl_free)
         if self.solver_ == "dense":
-            K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
-            matvec = K.__matmul__
-        else:  # fused kernel products, never M x M
-            S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
-            def matvec(c):
-                return kernel_matvec(xc, xc, c, kernel=self.kernel, bandwidth=h, backend=self.backend)
-        if self.step is None:
+            if self.curl_free:
+                K = curl_free_gram(xc, h, kernel=self.kernel)
+                S = curl_free_stein_term(xc, h, kernel=self.kernel)
+                def matvec(c):
+                    return (K @ c.reshape(*batch, M * d, 1)).reshape(c.shape)
+            else:
+                K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
+                matvec = K.__matmul__
+        else:  # fused / blockwise kernel products, never M x M (diagonal) or (M d) x (M d) (curl-free)
+            S, matvec = self._system(xc, h)
+        if self.step is None and self.curl_free:
+            step = 1.0 / (curl_free_norm_bound(xc, h, kernel=self.kernel) / M)
+        elif self.step is None:
             step = 1.0 / (spectral_bound(matvec, like=xc) / M)
         else:
             step = torch.full(xc.shape[:-2], self.step, dtype=xc.dtype, device=xc.device)
@@ -208,7 +296,7 @@ class _IterativeBase(_KScoreBase):
 
 @register("landweber")
 class LandweberScoreEstimator(_IterativeBase):
-    """Landweber-iteration kscore estimator, diagonal kernel.
+    """Landweber-iteration kscore estimator, diagonal or curl-free kernel.
 
     ``s_{t+1} = s_t - step (L s_t + zeta)``, ``s_0 = 0``, T steps; in sample
     ``s_T(X) = -g_T(K/M) S / M`` with ``g_T(sig) = step sum_{t<T} (1 - step sig)^t
@@ -216,7 +304,7 @@ class LandweberScoreEstimator(_IterativeBase):
     module docstring). As T grows it tends to ``-(K/M)^+ S / M`` (the lam -> 0 limit of Tikhonov).
 
     Args:
-        kernel, bandwidth, backend: as for the SGE.
+        kernel, bandwidth, backend: as for the SGE. curl_free: as for ``KEFScoreEstimator``.
         lam: > 0; T = ceil(1/lam) steps (lam relative to the spectral bound, see the module).
             Default 3e-3 (334 steps) when neither lam nor n_iter is given.
         n_iter: positive int, the number of steps T (overrides lam).
@@ -229,11 +317,11 @@ class LandweberScoreEstimator(_IterativeBase):
     """
 
     def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, step=None, solver="auto",
-                 backend: str | None = None):
+                 curl_free=False, backend: str | None = None):
         if lam is None and n_iter is None:
             lam = 3e-3
         super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
-                         backend=backend)
+                         curl_free=curl_free, backend=backend)
 
     def _iterations(self):
         return self.n_iter if self.n_iter is not None else max(1, math.ceil(1.0 / self.lam))
@@ -263,7 +351,7 @@ def nu_coefficients(k: int, nu: float) -> tuple[float, float]:
 
 @register("nu")
 class NuMethodScoreEstimator(_IterativeBase):
-    """nu-method (accelerated Landweber) kscore estimator, diagonal kernel.
+    """nu-method (accelerated Landweber) kscore estimator, diagonal or curl-free kernel.
 
     ``s_k = s_{k-1} + mu_k (s_{k-1} - s_{k-2}) - omega_k step (L s_{k-1} + zeta)``, ``s_0 = 0``
     (coefficients in ``nu_coefficients``); T = ceil(lam^{-1/2}) steps give about the regularisation
@@ -271,7 +359,7 @@ class NuMethodScoreEstimator(_IterativeBase):
     of degree T - 1; out of sample ``s_T(z) = a_T zeta(z) + K_z c_T``.
 
     Args:
-        kernel, bandwidth, backend: as for the SGE.
+        kernel, bandwidth, backend: as for the SGE. curl_free: as for ``KEFScoreEstimator``.
         lam: > 0; T = ceil(lam^{-1/2}) (default 1e-3: 32 steps). n_iter: positive int T (overrides lam).
         nu: > 0 (default 1), the qualification of the method.
         step: step size (default ``1 / b``, b a rigorous bound on lambda_max(K/M)); needs
@@ -282,11 +370,11 @@ class NuMethodScoreEstimator(_IterativeBase):
     """
 
     def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, nu=1.0, step=None,
-                 solver="auto", backend: str | None = None):
+                 solver="auto", curl_free=False, backend: str | None = None):
         if lam is None and n_iter is None:
             lam = 1e-3
         super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
-                         backend=backend)
+                         curl_free=curl_free, backend=backend)
         if isinstance(nu, bool) or not isinstance(nu, numbers.Real) or not math.isfinite(float(nu)) or nu <= 0:
             raise ValueError(f"nu must be a positive finite number, got {nu!r}")
         self.nu = float(nu)
