@@ -38,8 +38,8 @@ void check_same_dtype(const char* op, const char* name, const at::Tensor& t, con
 }
 
 void check_kernel(const char* op, int64_t kernel) {
-  TORCH_CHECK(kernel == 0 || kernel == 1 || kernel == 2, op,
-              ": kernel id must be 0 (rbf), 1 (imq) or 2 (imq cubed), got ", kernel);
+  TORCH_CHECK(kernel == 0 || kernel == 1 || kernel == 2 || kernel == 3, op,
+              ": kernel id must be 0 (rbf), 1 (imq), 2 (imq cubed) or 3 (imq^5), got ", kernel);
 }
 
 // Checks x (B,N,d), y (B,M,d), h (B,) and the kernel id; returns h made contiguous.

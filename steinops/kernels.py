@@ -17,6 +17,12 @@ for RBF and ``(1 + r2/h^2)^(-3/2)`` ("imq3", i.e. IMQ cubed) for IMQ:
 
 so the Stein term is one matrix-free kernel product with right-hand side ``[1 | y]``.
 
+Two further profiles exist for internal use only (not accepted by the public estimators):
+
+    IMQ3 (id 2)  k(r2) = (1 + r2 / h^2)^(-3/2)  k' = -3 k^(5/3) / (2 h^2)   the Stein profile of IMQ
+    IMQ5 (id 3)  k(r2) = (1 + r2 / h^2)^(-5/2)  k' = -5 k^(7/5) / (2 h^2)   k'' = 35 k^(9/5) / (4 h^4);
+                 the trace term of the IMQ KSD, ``sum_ij k_ij^5 = 1^T K_5 1`` (see ``ops/ksd.py``)
+
 Kernels on learned features, ``k(x, y) = profile(|phi(x) - phi(y)|^2)``, reuse these profiles on
 ``phi(x)``; only the chain rule through ``phi`` is added (see ``FeatureKernel``).
 """
@@ -66,6 +72,14 @@ def _imq3_deriv(r2, h):
     return -3 * _imq(r2, h) ** 5 / (2 * h * h)
 
 
+def _imq5(r2, h):
+    return _imq(r2, h) ** 5
+
+
+def _imq5_deriv(r2, h):
+    return -5 * _imq(r2, h) ** 7 / (2 * h * h)
+
+
 RBF = KernelProfile(
     "rbf", 0, _rbf, _rbf_deriv,
     deriv_of_value=lambda k, h: -k / (2 * h * h),
@@ -85,10 +99,17 @@ IMQ3 = KernelProfile(
     deriv2_of_value=lambda k, h: 15 * k ** (7 / 3) / (4 * h**4),
     stein_name="",
 )
+# IMQ to the fifth: only used internally, by the fused IMQ KSD (its sum_ij k_ij^5 trace term).
+IMQ5 = KernelProfile(
+    "imq5", 3, _imq5, _imq5_deriv,
+    deriv_of_value=lambda k, h: -5 * k ** (7 / 5) / (2 * h * h),
+    deriv2_of_value=lambda k, h: 35 * k ** (9 / 5) / (4 * h**4),
+    stein_name="",
+)
 
 KERNELS = {k.name: k for k in (RBF, IMQ)}
-_ALL = {k.name: k for k in (RBF, IMQ, IMQ3)}
-_BY_ID = {k.kid: k for k in (RBF, IMQ, IMQ3)}
+_ALL = {k.name: k for k in (RBF, IMQ, IMQ3, IMQ5)}
+_BY_ID = {k.kid: k for k in (RBF, IMQ, IMQ3, IMQ5)}
 
 
 def get_kernel(kernel) -> KernelProfile:

@@ -62,7 +62,7 @@ if C is None or not hasattr(torch.ops, "steinops_C") or not hasattr(torch.ops.st
 
 ref = _load_reference()
 OPS = torch.ops.steinops_C
-KERNELS = {0: "rbf", 1: "imq", 2: "imq3"}  # 2: IMQ cubed, the Stein profile of IMQ
+KERNELS = {0: "rbf", 1: "imq", 2: "imq3", 3: "imq5"}  # 2: IMQ cubed, the Stein profile of IMQ; 3: IMQ^5 (IMQ KSD)
 
 
 def _reference_knows(name):
@@ -254,7 +254,7 @@ def test_bad_inputs_raise(case):
         _call_all(t)
 
 
-@pytest.mark.parametrize("kernel", [7, -1, 3])
+@pytest.mark.parametrize("kernel", [7, -1, 4])
 def test_bad_kernel_id_raises(kernel):
     t = _good()
     with pytest.raises(RuntimeError, match="kernel"):

@@ -1,12 +1,18 @@
 """Tests of steinops.ksd against a naive dense float64 implementation whose kernel gradients and trace
 come from autograd (independent of the closed forms in steinops/ops/ksd.py)."""
 import math
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
 
 import steinops
 from steinops.ops import backends
+
+from conftest import cpu_backends
 
 BACKENDS = ["reference"] + (["cpu"] if backends.available("cpu", torch.device("cpu")) else [])
 KERNELS = ["rbf", "imq"]
@@ -89,19 +95,68 @@ def test_gradcheck(backend, kernel, u_statistic):
     assert torch.autograd.gradcheck(f, (x, s, h))
 
 
-def test_imq_chunked_sum_matches_dense(monkeypatch):
-    """Force many small row blocks in the IMQ k^5 sum (and its backward)."""
-    import sys
-    mod = sys.modules["steinops.ops.ksd"]  # the package attribute `ksd` is the function
-    monkeypatch.setattr(mod, "_CHUNK_ELEMS", 20)
-    x = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
-    s = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("u_statistic", [True, False])
+def test_imq_fused_on_every_backend(backend, u_statistic):
+    """The IMQ trace term sum_ij k^5 is the fused imq5 kernel product: value and gradients in x, score
+    and h on every CPU-runnable backend (Triton through its interpreter)."""
+    x = (torch.randn(2, 9, 3, dtype=torch.float64) + 1.5).requires_grad_()
+    s = torch.randn(2, 9, 3, dtype=torch.float64).requires_grad_()
     h = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
-    out = steinops.ksd(x, s, kernel="imq", bandwidth=h, backend="reference")
-    ref = naive_ksd(x, s, h, "imq", True)
+    out = steinops.ksd(x, s, kernel="imq", bandwidth=h, u_statistic=u_statistic, backend=backend)
+    ref = naive_ksd(x, s, h, "imq", u_statistic)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(out.sum(), (x, h)), torch.autograd.grad(ref.sum(), (x, h))):
+    for a, b in zip(torch.autograd.grad(out.sum(), (x, s, h)), torch.autograd.grad(ref.sum(), (x, s, h))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_imq_trace_term_is_the_imq5_kernel_product(monkeypatch):
+    """The IMQ KSD goes through kernel_matvec only (profiles imq, imq3 and imq5), no dense path."""
+    mod = sys.modules["steinops.ops.ksd"]  # the package attribute `ksd` is the function
+    seen = []
+    real = mod.kernel_matvec
+
+    def spy(x, y, v, *, kernel, **kw):
+        seen.append(steinops.kernels.get_kernel(kernel).name)
+        return real(x, y, v, kernel=kernel, **kw)
+
+    monkeypatch.setattr(mod, "kernel_matvec", spy)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    out = steinops.ksd(x, -x, kernel="imq", bandwidth=1.1, backend="reference")
+    torch.testing.assert_close(out, naive_ksd(x, -x, 1.1, "imq", True), rtol=1e-10, atol=1e-12)
+    assert sorted(seen) == ["imq", "imq3", "imq5"]
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, steinops
+    torch.manual_seed(0)
+    M, d = 20000, 3
+    x = torch.randn(M, d, requires_grad=True); s = torch.randn(M, d, requires_grad=True)
+    h = torch.tensor(0.5, requires_grad=True)
+    steinops.ksd(x[:10], s[:10], kernel="imq", bandwidth=h, backend="cpu").backward()  # warm-up: libraries loaded
+    x.grad = s.grad = h.grad = None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = steinops.ksd(x, s, kernel="imq", bandwidth=h, backend="cpu")
+    out.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and torch.isfinite(s.grad).all()
+    assert torch.isfinite(h.grad)
+    print((after - before) / 1024)  # MiB
+""")
+
+
+@pytest.mark.skipif(not backends.available("cpu", torch.device("cpu")), reason="C++ extension not built")
+def test_imq_20k_never_allocates_mxm():
+    """IMQ KSD with gradients at M = 20,000, d = 3 in float32: an M x M float32 matrix is 1.5 GiB, a row
+    block of one (as the former chunked k^5 sum used) tens of MiB; the fused path needs O(M d)."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    grown_mib = float(res.stdout.strip().splitlines()[-1])
+    mxm_mib = 20000 * 20000 * 4 / 2**20
+    assert grown_mib < 0.01 * mxm_mib, f"peak memory grew by {grown_mib:.0f} MiB (M x M float32 is {mxm_mib:.0f} MiB)"
+    assert elapsed < 300, f"took {elapsed:.0f} s"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

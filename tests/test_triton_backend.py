@@ -61,11 +61,14 @@ cpu_interpreter = pytest.mark.skipif(
 )
 
 KERNELS = [(0, "rbf"), (1, "imq")]
-try:  # IMQ cubed (id 2), the internal Stein profile of IMQ, where the package defines it
-    ref.get_kernel("imq3")
-    KERNELS.append((2, "imq3"))
-except Exception:
-    pass
+# IMQ cubed (id 2), the internal Stein profile of IMQ, and IMQ^5 (id 3), the trace term of the IMQ
+# KSD, where the package defines them
+for _kid, _kname in ((2, "imq3"), (3, "imq5")):
+    try:
+        ref.get_kernel(_kname)
+        KERNELS.append((_kid, _kname))
+    except Exception:
+        pass
 # (B, N, M, d, E)
 CASES = [
     (1, 1, 1, 1, 1),
@@ -177,7 +180,7 @@ def test_empty_and_degenerate_sizes():
     K, _ = tgram.gram_forward(x, y, h, 0, False)
     assert torch.equal(K, torch.ones(1, 3, 4, dtype=dtype))
     with pytest.raises(ValueError):
-        tkm.kmv_forward(x, y, v, h, 3)
+        tkm.kmv_forward(x, y, v, h, 4)
 
 
 # the interpreter takes ~30 s for d = 3072, E = 3073 even at N = M = 3; the logic is the same as for

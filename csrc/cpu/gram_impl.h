@@ -57,8 +57,11 @@ void gram_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
     case kIMQ:
       gram_task_k<T, kIMQ>(p, task, ws);
       break;
-    default:
+    case kIMQ3:
       gram_task_k<T, kIMQ3>(p, task, ws);
+      break;
+    default:
+      gram_task_k<T, kIMQ5>(p, task, ws);
       break;
   }
 }

@@ -4,6 +4,11 @@
 //   id 1  IMQ         k(r2) = (1 + r2 / h^2)^(-1/2)  k'(r2) = -k^3 / (2 h^2)
 //   id 2  IMQ cubed   k(r2) = (1 + r2 / h^2)^(-3/2)  k'(r2) = -3 (1 + r2 / h^2)^(-5/2) / (2 h^2)
 //                     (the Stein profile of IMQ, used by the matrix-free Stein term)
+//   id 3  IMQ^5       k(r2) = (1 + r2 / h^2)^(-5/2)  k'(r2) = -5 (1 + r2 / h^2)^(-7/2) / (2 h^2)
+//                     (used by the fused IMQ KSD: its trace term is sum_ij k_ij^5 = 1^T K_5 1)
+//
+// The IMQ family is branch-free: u = 1 / sqrt(1 + r2 / h^2) (the caller's square root), then
+// k = u, u^3 or u^5 and k' = -(p/2) u^(p+2) / h^2 by multiplications only.
 //
 // The math is written once as templates over a scalar T and a value type V that is either T or
 // a GCC vector of T (vector_size extension), so the same body compiles to scalar code or to
@@ -36,9 +41,9 @@
 namespace steinops {
 namespace cpu {
 
-enum KernelId : int { kRBF = 0, kIMQ = 1, kIMQ3 = 2 };
+enum KernelId : int { kRBF = 0, kIMQ = 1, kIMQ3 = 2, kIMQ5 = 3 };
 
-inline bool valid_kernel_id(int64_t kid) { return kid == kRBF || kid == kIMQ || kid == kIMQ3; }
+inline bool valid_kernel_id(int64_t kid) { return kid == kRBF || kid == kIMQ || kid == kIMQ3 || kid == kIMQ5; }
 
 template <class T>
 struct ExpConst;
@@ -177,8 +182,8 @@ STEINOPS_ALWAYS_INLINE V exp_poly_nonpos(V x) {
   return res;
 }
 
-// Per-bandwidth coefficient of a kernel: RBF -1/(2h^2) (k = exp(coef r2)); IMQ and IMQ cubed
-// 1/h^2 (u = (1 + coef r2)^(-1/2), k = u resp. u^3).
+// Per-bandwidth coefficient of a kernel: RBF -1/(2h^2) (k = exp(coef r2)); IMQ, IMQ cubed and
+// IMQ^5 1/h^2 (u = (1 + coef r2)^(-1/2), k = u, u^3 resp. u^5).
 template <class T>
 STEINOPS_ALWAYS_INLINE T kernel_coef(int kid, T h) {
   return kid == kRBF ? T(-0.5) / (h * h) : T(1) / (h * h);
@@ -193,8 +198,11 @@ STEINOPS_ALWAYS_INLINE V kernel_value(V r2, T coef, Sqrt sq) {
     const V u = splat<V>(T(1)) / sq(r2 * coef + T(1));
     if constexpr (KID == kIMQ) {
       return u;
-    } else {
+    } else if constexpr (KID == kIMQ3) {
       return (u * u) * u;
+    } else {
+      const V u2 = u * u;
+      return (u2 * u2) * u;
     }
   }
 }
@@ -211,9 +219,12 @@ STEINOPS_ALWAYS_INLINE void kernel_value_deriv(V r2, T coef, Sqrt sq, V& k, V& k
     if constexpr (KID == kIMQ) {
       k = u;
       kp = (u2 * u) * (T(-0.5) * coef);  // -u^3 / (2h^2)
-    } else {
+    } else if constexpr (KID == kIMQ3) {
       k = u2 * u;
       kp = (k * u2) * (T(-1.5) * coef);  // -3 u^5 / (2h^2)
+    } else {
+      k = (u2 * u2) * u;
+      kp = (k * u2) * (T(-2.5) * coef);  // -5 u^7 / (2h^2)
     }
   }
 }
@@ -239,7 +250,8 @@ inline T kernel_value_scalar(int kid, T r2, T h) {
   const T c = kernel_coef<T>(kid, h);
   if (kid == kRBF) return kernel_value<kRBF, T, T, I>(r2, c, ScalarSqrt{});
   if (kid == kIMQ) return kernel_value<kIMQ, T, T, I>(r2, c, ScalarSqrt{});
-  return kernel_value<kIMQ3, T, T, I>(r2, c, ScalarSqrt{});
+  if (kid == kIMQ3) return kernel_value<kIMQ3, T, T, I>(r2, c, ScalarSqrt{});
+  return kernel_value<kIMQ5, T, T, I>(r2, c, ScalarSqrt{});
 }
 
 template <class T>
@@ -248,7 +260,8 @@ inline T kernel_deriv_scalar(int kid, T r2, T h) {
   const T c = kernel_coef<T>(kid, h);
   if (kid == kRBF) return kernel_deriv<kRBF, T, T, I>(r2, c, ScalarSqrt{});
   if (kid == kIMQ) return kernel_deriv<kIMQ, T, T, I>(r2, c, ScalarSqrt{});
-  return kernel_deriv<kIMQ3, T, T, I>(r2, c, ScalarSqrt{});
+  if (kid == kIMQ3) return kernel_deriv<kIMQ3, T, T, I>(r2, c, ScalarSqrt{});
+  return kernel_deriv<kIMQ5, T, T, I>(r2, c, ScalarSqrt{});
 }
 
 }  // namespace STEINOPS_MATH_NS

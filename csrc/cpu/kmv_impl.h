@@ -39,8 +39,11 @@ void kmv_forward_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws)
     case kIMQ:
       kmv_forward_task_k<T, kIMQ>(p, task, ws);
       break;
-    default:
+    case kIMQ3:
       kmv_forward_task_k<T, kIMQ3>(p, task, ws);
+      break;
+    default:
+      kmv_forward_task_k<T, kIMQ5>(p, task, ws);
       break;
   }
 }
@@ -88,8 +91,11 @@ void kmv_xgrad_task(const Problem<T>& p, int64_t task, const Workspace<T>& ws) {
     case kIMQ:
       kmv_xgrad_task_k<T, kIMQ>(p, task, ws);
       break;
-    default:
+    case kIMQ3:
       kmv_xgrad_task_k<T, kIMQ3>(p, task, ws);
+      break;
+    default:
+      kmv_xgrad_task_k<T, kIMQ5>(p, task, ws);
       break;
   }
 }

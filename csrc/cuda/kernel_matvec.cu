@@ -12,7 +12,8 @@
 //   needs no scaling) and EC outputs per row. A y tile is staged in shared memory as packed
 //   records [y_0..y_{D-1}, v_0..v_{EC-1}, pad] read back with 16-byte vector loads; every thread of
 //   a warp reads the same record (broadcast, no bank conflicts). Per (row, sample) pair the inner
-//   loop is D subs + D FMAs + one MUFU op (ex2.approx for RBF, rsqrt.approx for IMQ) + EC FMAs;
+//   loop is D subs + D FMAs + one MUFU op (ex2.approx for RBF, rsqrt.approx for the IMQ family,
+//   whose powers s^3 / s^5 for kernel ids 2 / 3 are 2 / 3 more multiplies) + EC FMAs;
 //   for d = 3, E = 1 that is ~8 instructions per pair plus 1/R of a 16-byte shared load, so the
 //   kernel is bound by instruction issue / the SFU pipe, as intended (N = M = 1e5, d = 3 is 1e10
 //   pairs: ~3 ms of issue on an H100 at full occupancy).
@@ -225,8 +226,8 @@ at::Tensor kmv_forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "kmv_forward (CUDA): unsupported dtype ", dtype);
-  TORCH_CHECK(kernel == 0 || kernel == 1, "kmv_forward (CUDA): kernel must be 0 (rbf) or 1 (imq), got ",
-              kernel);
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              "kmv_forward (CUDA): kernel must be 0 (rbf), 1 (imq), 2 (imq cubed) or 3 (imq^5), got ", kernel);
   const Problem pb{x.size(0), x.size(1), y.size(1), x.size(2), v.size(2)};
   TORCH_CHECK(y.size(0) == pb.B && v.size(0) == pb.B && h.size(0) == pb.B,
               "kmv_forward (CUDA): batch sizes differ: x ", x.sizes(), ", y ", y.sizes(), ", v ",
@@ -242,8 +243,11 @@ at::Tensor kmv_forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::
   const int device = x.get_device();
 
   if (dtype == at::kDouble) {
-    return kernel == 0 ? kmv_typed<double, 0>(x, y, v, h, pb, stream, device)
-                       : kmv_typed<double, 1>(x, y, v, h, pb, stream, device);
+    at::Tensor out;
+    dispatch_int<0, 1, 2, 3>(static_cast<int>(kernel), "kernel id", [&](auto kc) {
+      out = kmv_typed<double, decltype(kc)::value>(x, y, v, h, pb, stream, device);
+    });
+    return out;
   }
   // float32 compute for float32, float16 and bfloat16.
   const bool cast = dtype != at::kFloat;
@@ -251,8 +255,10 @@ at::Tensor kmv_forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::
   const at::Tensor yf = cast ? y.to(at::kFloat) : y;
   const at::Tensor vf = cast ? v.to(at::kFloat) : v;
   const at::Tensor hf = cast ? h.to(at::kFloat) : h;
-  at::Tensor out = kernel == 0 ? kmv_typed<float, 0>(xf, yf, vf, hf, pb, stream, device)
-                               : kmv_typed<float, 1>(xf, yf, vf, hf, pb, stream, device);
+  at::Tensor out;
+  dispatch_int<0, 1, 2, 3>(static_cast<int>(kernel), "kernel id", [&](auto kc) {
+    out = kmv_typed<float, decltype(kc)::value>(xf, yf, vf, hf, pb, stream, device);
+  });
   return cast ? out.to(dtype) : out;
 }
 

@@ -16,6 +16,8 @@ namespace detail {
 //   RBF float : coef = log2(e) / (2 h^2), t = -coef r2,  k = 2^t      (one MUFU.EX2)
 //   RBF double: coef = 1 / (2 h^2),       t = -coef r2,  k = exp(t)
 //   IMQ       : coef = 1 / h^2,           t = 1 + coef r2, k = t^(-1/2) (one MUFU.RSQ for float)
+//   IMQ cubed : as IMQ, k = s^3 with s = t^(-1/2)   (id 2, the Stein profile of IMQ)
+//   IMQ^5     : as IMQ, k = s^5                      (id 3, the trace term of the IMQ KSD)
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ float fast_exp2(float t) {
 #ifdef __CUDA_ARCH__
@@ -70,6 +72,24 @@ struct Profile<double, 1> {
   static constexpr double kSign = 1.0;
   __device__ static double coef(double h) { return 1.0 / (h * h); }
   __device__ static double from_t(double t) { return rsqrt(t); }
+};
+
+// IMQ cubed and IMQ^5: the IMQ t and rsqrt, then a power by multiplications (no extra MUFU op).
+template <typename A>
+struct Profile<A, 2> : Profile<A, 1> {
+  __device__ static A from_t(A t) {
+    const A s = Profile<A, 1>::from_t(t);
+    return s * s * s;
+  }
+};
+
+template <typename A>
+struct Profile<A, 3> : Profile<A, 1> {
+  __device__ static A from_t(A t) {
+    const A s = Profile<A, 1>::from_t(t);
+    const A s2 = s * s;
+    return s2 * s2 * s;
+  }
 };
 
 constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }

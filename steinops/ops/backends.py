@@ -92,8 +92,8 @@ def _ref_call(fn, *args, kid):
     return fn(*args, kernel_by_id(kid).name)
 
 
-# kernel ids the CUDA kernel product was written for; others (IMQ cubed) go to Triton
-_CUDA_KERNEL_IDS = (0, 1)
+# kernel ids the CUDA kernel product supports (RBF, IMQ, IMQ cubed, IMQ^5); any other goes to Triton
+_CUDA_KERNEL_IDS = (0, 1, 2, 3)
 
 
 def _beyond_cuda(name):

@@ -18,10 +18,11 @@ K_s the Gram matrix of the Stein profile ``-2 h^2 f'`` -- RBF itself for RBF, IM
           IMQ:  f' = -k^3/(2h^2), f'' = 3 k^5/(4h^4), and r2/h^2 = k^-2 - 1, so tr = ((d - 3) k^3 + 3 k^5)/h^2:
                 D = ((d - 3)/h^2) sum_i (K_s 1)_i + (3/h^2) sum_ij k_ij^5
 
-So RBF is ONE fused kernel product ``K @ [S | 1 | X]`` (K = K_s); IMQ is ``K @ S`` plus ``K_s @ [1 | X]``
-(imq3 profile) plus ``sum_ij k^5``. The profile ``(1 + r2/h^2)^(-5/2)`` exists in no backend, so that
-scalar is a dense-but-CHUNKED pure-PyTorch sum (row blocks of at most ``_CHUNK_ELEMS / (B M)`` rows,
-never M x M x d, with its own chunked backward in x and h; it does not depend on the scores).
+So RBF is ONE fused kernel product ``K @ [S | 1 | X]`` (K = K_s); IMQ is three: ``K @ S``, ``K_s @ [1 | X]``
+(imq3 profile) and ``sum_ij k^5 = 1^T K_5 1`` with K_5 the Gram matrix of the internal imq5 profile
+``(1 + r2/h^2)^(-5/2)`` (``K_5 @ 1``, which does not depend on the scores). Every term is a fused kernel product,
+so nothing of size M x M is formed for either kernel, and the gradients in x and h come from the kernel
+product's own (fused) backward.
 
 The diagonal ``u(x_i, x_i) = |s_i|^2 + d/h^2`` (k(0) = 1, grad k(0) = 0, tr at r = 0 is ``-2 d f'(0) = d/h^2``
 for both kernels) is subtracted exactly for the U-statistic:
@@ -36,62 +37,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..kernels import IMQ, RBF, get_kernel, stein_profile
+from ..kernels import IMQ, IMQ5, RBF, get_kernel, stein_profile
 from .kernel_matvec import kernel_matvec
-
-# Elements of one pairwise block of the chunked IMQ k^5 sum (memory ~ a few times this, in the compute dtype).
-_CHUNK_ELEMS = 1 << 22
-
-
-def _row_chunks(B: int, M: int):
-    rows = max(1, min(M, _CHUNK_ELEMS // max(1, B * M)))
-    return range(0, M, rows), rows
-
-
-def _block_r2(xb: Tensor, x: Tensor, sqb: Tensor, sq: Tensor) -> Tensor:
-    """|xb_i - x_j|^2 for a row block, (B, C, M); x is centred, so the dot form is accurate enough."""
-    return (sqb.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * xb @ x.transpose(-1, -2)).clamp_min(0)
-
-
-def _u_blocks(x: Tensor, h: Tensor):
-    """Row blocks ``(start, rows, xb, u)`` with ``u = 1 + |xb_i - x_j|^2 / h^2`` of shape (B, rows, M)."""
-    B, M, _ = x.shape
-    sq = (x * x).sum(-1)
-    inv_h2 = (1.0 / (h * h)).reshape(-1, 1, 1)
-    starts, rows = _row_chunks(B, M)
-    for s in starts:
-        xb = x[:, s:s + rows]
-        yield s, rows, xb, 1 + _block_r2(xb, x, sq[:, s:s + rows], sq) * inv_h2
-
-
-class _PentaSum(torch.autograd.Function):
-    """``T_b = sum_ij (1 + |x_i - x_j|^2 / h_b^2)^(-5/2)`` for x (B, M, d), h (B,), chunked over rows.
-
-    Backward: ``dT/dx_i = 4 sum_j w'(r2_ij) (x_i - x_j)`` with ``w' = -(5/2) u^(-7/2) / h^2``, and since T depends
-    on x / h only, ``dT/dh = -(1/h) sum_i x_i . dT/dx_i``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, h):
-        total = x.new_zeros(x.shape[0])
-        for _, _, _, u in _u_blocks(x, h):
-            total = total + (u.rsqrt() ** 5).sum((1, 2))
-        ctx.save_for_backward(x, h)
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, h = ctx.saved_tensors
-        inv_h2 = (1.0 / (h * h)).reshape(-1, 1, 1)
-        gx = torch.empty_like(x)
-        for s, rows, xb, u in _u_blocks(x, h):
-            wp = -2.5 * u.rsqrt() ** 7 * inv_h2  # dw/dr2
-            gx[:, s:s + rows] = 4 * (wp.sum(-1, keepdim=True) * xb - wp @ x)
-        dh = -(x * gx).sum((1, 2)) / h if ctx.needs_input_grad[1] else None
-        dx = gx * g.reshape(-1, 1, 1) if ctx.needs_input_grad[0] else None
-        return dx, (dh * g if dh is not None else None)
-
 
 def ksd(x: Tensor, score: Tensor, *, kernel="rbf", bandwidth, u_statistic: bool = True,
         backend: str | None = None) -> Tensor:
@@ -109,7 +56,8 @@ def ksd(x: Tensor, score: Tensor, *, kernel="rbf", bandwidth, u_statistic: bool 
 
     Returns:
         KSD^2 per batch element, shape ``...`` (a 0-d tensor for unbatched input). See the module
-        docstring for the formula; nothing of size M x M x d is formed and, for RBF, nothing M x M either.
+        docstring for the formula; nothing of size M x M is formed (three fused kernel products for IMQ,
+        one for RBF), so the memory is O(M d).
     """
     if not isinstance(u_statistic, bool):
         raise TypeError(f"u_statistic must be a bool, got {type(u_statistic).__name__}")
@@ -147,6 +95,7 @@ def ksd(x: Tensor, score: Tensor, *, kernel="rbf", bandwidth, u_statistic: bool 
         KS = kernel_matvec(xc, xc, s, kernel=IMQ, bandwidth=h, backend=backend)
         Q = kernel_matvec(xc, xc, torch.cat([ones, xc], -1), kernel=stein_profile(IMQ), bandwidth=h, backend=backend)
         Ks1, KsX = Q[..., 0], Q[..., 1:]
+        penta = kernel_matvec(xc, xc, ones, kernel=IMQ5, bandwidth=h, backend=backend).sum((-2, -1))
 
     a = (s * KS).sum((-2, -1))
     bc = 2 * (s * (Ks1.unsqueeze(-1) * xc - KsX)).sum((-2, -1)) / h2
@@ -155,7 +104,6 @@ def ksd(x: Tensor, score: Tensor, *, kernel="rbf", bandwidth, u_statistic: bool 
         kr2 = 2 * ((sq * K1).sum(-1) - (xc * KX).sum((-2, -1)))
         tr = d * k1 / h2 - kr2 / (h2 * h2)
     else:
-        penta = _PentaSum.apply(xc.reshape(-1, M, d), h.reshape(-1)).reshape(batch)
         tr = ((d - 3) * Ks1.sum(-1) + 3 * penta) / h2
     total = a + bc + tr
     if u_statistic:

@@ -7,6 +7,7 @@ Every kernel in this package works on one (BLOCK_N, BLOCK_M) tile of the pairwis
     RBF  k = exp(-r2 / (2 h^2))   = exp2(r2 * (-log2(e) / (2 h^2)))       k' = -k / (2 h^2)
     IMQ  k = rsqrt(1 + r2 / h^2)                                          k' = -k^3 / (2 h^2)
     IMQ3 k = rsqrt(1 + r2 / h^2)^3   (id 2; the Stein profile of IMQ)      k' = -3 k^(5/3) / (2 h^2)
+    IMQ5 k = rsqrt(1 + r2 / h^2)^5   (id 3; the trace term of the IMQ KSD)  k' = -5 k^(7/5) / (2 h^2)
 
 The caller centres x and y (translation invariance), which keeps the dot form of r2 accurate.
 """
@@ -96,8 +97,8 @@ def dtypes_for(x: torch.Tensor):
 
 def check_kernel_id(kernel: int) -> int:
     kernel = int(kernel)
-    if kernel not in (0, 1, 2):
-        raise ValueError(f"kernel id must be 0 (rbf), 1 (imq) or 2 (imq3), got {kernel}")
+    if kernel not in (0, 1, 2, 3):
+        raise ValueError(f"kernel id must be 0 (rbf), 1 (imq), 2 (imq3) or 3 (imq5), got {kernel}")
     return kernel
 
 
@@ -183,7 +184,7 @@ def _inv_sqrt(t, ACC: tl.constexpr):
 
 @triton.jit
 def kernel_value(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
-    """k(r2) for kernel id KERNEL (0 RBF, 1 IMQ, 2 IMQ^3), in ACC."""
+    """k(r2) for kernel id KERNEL (0 RBF, 1 IMQ, 2 IMQ^3, 3 IMQ^5), in ACC."""
     if KERNEL == 0:
         if ACC == tl.float64:
             # a Python float constant is float32 in Triton: keep log2(e) out of the float64 path
@@ -194,15 +195,18 @@ def kernel_value(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
         s = _inv_sqrt(1.0 + r2 * inv_h2, ACC)
         if KERNEL == 1:
             k = s
-        else:
+        elif KERNEL == 2:
             k = s * s * s
+        else:
+            s2 = s * s
+            k = s2 * s2 * s
     return k
 
 
 @triton.jit
 def kernel_value_and_deriv(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.constexpr):
     """(k, dk/dr2): RBF (k, -k/(2h^2)), IMQ (s, -s^3/(2h^2)), IMQ^3 (s^3, -3 s^5/(2h^2)),
-    with s = (1 + r2/h^2)^(-1/2)."""
+    IMQ^5 (s^5, -5 s^7/(2h^2)), with s = (1 + r2/h^2)^(-1/2)."""
     if KERNEL == 0:
         k = kernel_value(r2, inv_h2, inv_2h2, KERNEL, ACC)
         kp = -k * inv_2h2
@@ -212,9 +216,12 @@ def kernel_value_and_deriv(r2, inv_h2, inv_2h2, KERNEL: tl.constexpr, ACC: tl.co
         if KERNEL == 1:
             k = s
             kp = -(s2 * s) * inv_2h2
-        else:
+        elif KERNEL == 2:
             k = s2 * s
             kp = -3.0 * (k * s2) * inv_2h2
+        else:
+            k = s2 * s2 * s
+            kp = -5.0 * (k * s2) * inv_2h2
     return k, kp
 
 

@@ -90,7 +90,7 @@ def _gram_kernel(
 def gram_forward(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, kernel: int, stein: bool):
     """``K[b, n, m] = k(|x[b,n] - y[b,m]|^2; h[b])`` (B, N, M) and, if ``stein``,
     ``S[b, n] = 2 sum_m k'(r2_nm) (y_m - x_n)`` (B, N, d); otherwise S is an empty tensor.
-    x (B,N,d), y (B,M,d), h (B,); outputs in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
+    x (B,N,d), y (B,M,d), h (B,); outputs in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3, 3 = IMQ^5."""
     kernel = C.check_kernel_id(kernel)
     stein = bool(stein)
     B, N, D = x.shape

@@ -138,7 +138,7 @@ def _kmv_xgrad_kernel(
 @C.interpreter_bf16_fallback
 def kmv_forward(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, h: torch.Tensor, kernel: int) -> torch.Tensor:
     """``out[b, n] = sum_m k(|x[b,n] - y[b,m]|^2; h[b]) v[b, m]``: x (B,N,d), y (B,M,d), v (B,M,E), h (B,)
-    -> (B, N, E) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
+    -> (B, N, E) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3, 3 = IMQ^5."""
     kernel = C.check_kernel_id(kernel)
     B, N, D = x.shape
     M, E = y.shape[1], v.shape[2]
@@ -157,7 +157,7 @@ def kmv_forward(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, h: torch.Tens
 def kmv_xgrad(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
               kernel: int) -> torch.Tensor:
     """``dx[b, n] = 2 sum_m k'(r2_nm) (g_n . v_m) (x_n - y_m)``: x (B,N,d), y (B,M,d), v (B,M,E),
-    g (B,N,E), h (B,) -> (B, N, d) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3."""
+    g (B,N,E), h (B,) -> (B, N, d) in x's dtype. ``kernel``: 0 = RBF, 1 = IMQ, 2 = IMQ^3, 3 = IMQ^5."""
     kernel = C.check_kernel_id(kernel)
     B, N, D = x.shape
     M, E = y.shape[1], v.shape[2]
