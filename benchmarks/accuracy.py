@@ -7,13 +7,15 @@ N fresh query points, and reports the relative Fisher error
 
 at the samples (in-sample) and at the queries (out-of-sample), for
   (a) the estimator's default hyper-parameters (``score_estimator(name)``),
-  (auto) ``bandwidth="auto"``: held-out score matching on the samples alone (and the estimator's
-      knob too where it has a tuning grid, e.g. the SGE's eta), and
-  (b) the oracle: the best of the defaults and a grid of bandwidth multiples x the estimator's
-      parameter, chosen by the in-sample error against the exact score (what no sample-only rule
-      can beat on this grid).
+  (auto) ``bandwidth="auto"``: held-out score matching on the samples alone, tuning the bandwidth and
+      the estimator's knob (eta, lam, eig_mass; see ``steinops.estimators.autotune``), and
+  (b) the oracle: the best of the SAME candidates as auto (the default, then bandwidth multiples
+      {0.5, 1, 2, 4} x median distance times the estimator's knob grid), chosen by the in-sample error
+      against the exact score -- what no sample-only rule on this grid can beat.
 
-    python benchmarks/accuracy.py [--quick] [--samples 128 1024 8192] [--estimators stein ssge ...]
+    python benchmarks/accuracy.py [--quick] [--samples 128 1024 8192] [--estimators stein kef:curl_free ...]
+
+"kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -38,18 +40,20 @@ except ImportError:  # a source checkout that is not installed
     import steinops
 from steinops.bandwidth import median_distance
 from steinops.distributions import get_distribution
-from steinops.estimators import ESTIMATORS
+from steinops.estimators import ESTIMATORS, autotune
 
-BANDWIDTH_MULTS = [0.5, 1.0, 2.0, 4.0]
-# The estimator-specific knob searched by the oracle; values relative to M where the knob is.
-PARAM_GRIDS = {
-    "stein": ("eta", [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]),
-    "ssge": ("eig_mass", [0.9, 0.95, 0.99, 0.999]),
-    "kef": ("lam", [1e-4, 1e-3, 1e-2, 1e-1]),
-    "landweber": ("lam", [1e-3, 1e-2, 1e-1]),
-    "nu": ("lam", [1e-4, 1e-3, 1e-2, 1e-1]),
-}
-DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "gmm", "subspace_gmm"]
+BANDWIDTH_MULTS = list(autotune.BANDWIDTH_MULTS)
+DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
+                 "sphere"]
+# "name:curl_free" runs a kscore estimator with the curl-free kernel
+VARIANTS = sorted(ESTIMATORS) + ["kef:curl_free"]
+
+
+def parse_variant(variant: str):
+    name, _, opt = variant.partition(":")
+    if name not in ESTIMATORS or opt not in ("", "curl_free"):
+        raise ValueError(f"unknown estimator {variant!r}; registered: {sorted(ESTIMATORS)} (optionally ':curl_free')")
+    return name, ({"curl_free": True} if opt else {})
 
 
 def fisher(est: torch.Tensor, exact: torch.Tensor) -> float:
@@ -64,14 +68,19 @@ def evaluate(name, kwargs, x, q, sx, sq):
             return fisher(est.scores_, sx), fisher(est.predict(q), sq)
 
 
-def run_case(name, x, q, sx, sq):
-    default_in, default_out = evaluate(name, {}, x, q, sx, sq)
-    auto_in, auto_out = evaluate(name, {"bandwidth": "auto"}, x, q, sx, sq)
+def run_case(variant, x, q, sx, sq):
+    name, base_kw = parse_variant(variant)
+    default_in, default_out = evaluate(name, base_kw, x, q, sx, sq)
+    auto_in, auto_out = evaluate(name, {**base_kw, "bandwidth": "auto"}, x, q, sx, sq)
+    # the oracle: the same candidates as "auto" (the default, then bandwidth multiples x the knob grid),
+    # chosen by the in-sample error against the EXACT score
+    proto = steinops.score_estimator(name, **base_kw)
+    knob = proto.knob if proto.knob_is_auto() else None
+    values = proto.knob_grid(x.shape[-2]) if knob else [None]
     med = float(median_distance(x))
-    knob, values = PARAM_GRIDS.get(name, (None, [None]))
-    best = (default_in, default_out, {"default": True})  # the oracle may always fall back on the default
+    best = (default_in, default_out, {"default": True})
     for mult, val in itertools.product(BANDWIDTH_MULTS, values):
-        kw = {"bandwidth": mult * med, **({knob: val} if knob else {})}
+        kw = {**base_kw, "bandwidth": mult * med, **({knob: val} if knob else {})}
         try:
             e_in, e_out = evaluate(name, kw, x, q, sx, sq)
         except ValueError:
@@ -84,7 +93,8 @@ def run_case(name, x, q, sx, sq):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS), help="registered estimator names")
+    p.add_argument("--estimators", nargs="+", default=VARIANTS,
+                   help="registered estimator names, 'name:curl_free' for the curl-free kernel (kef, landweber, nu)")
     p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS, help="steinops.distributions registry names")
     p.add_argument("--samples", type=int, nargs="+", default=[128, 1024, 8192], help="sample sizes M")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.5], help="noise levels")
@@ -96,12 +106,24 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.distributions, a.samples, a.sigmas, a.queries = ["two_mode"], [128], [0.5], 64
-    unknown = [e for e in a.estimators if e not in ESTIMATORS]
-    if unknown:
-        p.error(f"unknown estimators {unknown}; registered: {sorted(ESTIMATORS)}")
+    for e in a.estimators:
+        try:
+            parse_variant(e)
+        except ValueError as err:
+            p.error(str(err))
     dtype = getattr(torch, a.dtype)
     rows, t0 = [], time.time()
-    print(f"{'estimator':10} {'distribution':16} {'M':>5} {'sigma':>5} | {'default in':>10} {'out':>7} | "
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows):  # after every case, atomically: a stopped run keeps what it measured
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, rows=rows,
+                                       machine=platform.processor() or platform.machine(),
+                                       torch=torch.__version__, seconds=time.time() - t0), indent=1))
+        os.replace(tmp, out)
+
+    print(f"{'estimator':14} {'distribution':16} {'M':>5} {'sigma':>5} | {'default in':>10} {'out':>7} | "
           f"{'auto in':>8} {'out':>7} | {'oracle in':>9} {'out':>7} | default/oracle auto/oracle")
     for dname, M, sigma in itertools.product(a.distributions, a.samples, a.sigmas):
         gen = torch.Generator().manual_seed(a.seed)
@@ -110,20 +132,16 @@ def main(argv=None):
         q = dist.sample(a.queries, sigma, generator=gen)
         sx, sq = dist.score(x, sigma), dist.score(q, sigma)
         for name in a.estimators:
+            torch.manual_seed(a.seed)  # auto's random splits: reproducible per case
             t = time.time()
             r = run_case(name, x.to(dtype), q.to(dtype), sx, sq)
             r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, seconds=time.time() - t)
             rows.append(r)
-            print(f"{name:10} {dname:16} {M:5d} {sigma:5.2f} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "
+            print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "
                   f"{r['auto_in']:8.4f} {r['auto_out']:7.4f} | {r['oracle_in']:9.4f} {r['oracle_out']:7.4f} | "
                   f"{r['default_in'] / r['oracle_in']:13.2f}x {r['auto_in'] / r['oracle_in']:10.2f}x", flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, param_grids=PARAM_GRIDS,
-                                   rows=rows, machine=platform.processor() or platform.machine(),
-                                   torch=torch.__version__, seconds=time.time() - t0), indent=1))
-    os.replace(tmp, out)
+            save(rows)
+    save(rows)
     print(f"wrote {out}")
 
 

@@ -7,7 +7,7 @@
 """
 from ._checks import set_value_checks
 from .estimators import (
-    ESTIMATORS, KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator, ScoreEstimator,
+    ESTIMATORS, AutoTune, KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator, ScoreEstimator,
     SpectralScoreEstimator, SteinScoreEstimator, score_estimator, stein_score,
 )
 from .kernels import IMQ, RBF, KernelProfile, get_kernel
@@ -17,7 +17,7 @@ from .ops.backends import BACKENDS, resolve as resolve_backend
 __version__ = "0.1.0"
 
 __all__ = [
-    "ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "SpectralScoreEstimator",
+    "AutoTune", "ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "SpectralScoreEstimator",
     "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec", "ksd",
     "ScoreEstimator", "resolve_backend", "score_estimator", "set_value_checks", "stein_score", "stein_term",
 ]

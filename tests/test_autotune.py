@@ -64,8 +64,113 @@ def test_auto_per_sample_set_and_fixed_eta():
 def test_tune_bad_arguments():
     x = torch.randn(10, 2)
     with pytest.raises(ValueError, match="holdout"):
-        tune("stein", x, holdout=1.5)
+        tune(steinops.SteinScoreEstimator(), x, holdout=1.5)
     with pytest.raises(ValueError, match="at least 3"):
-        tune("stein", torch.randn(2, 2))
+        tune(steinops.SteinScoreEstimator(), torch.randn(2, 2))
     with pytest.raises(ValueError, match="bandwidth"):
         steinops.SteinScoreEstimator(bandwidth="automatic")
+
+
+KNOBBED = [("stein", "eta"), ("kef", "lam"), ("landweber", "lam"), ("nu", "lam"), ("ssge", "eig_mass")]
+
+
+@pytest.mark.parametrize("name,knob", KNOBBED)
+def test_every_estimator_tunes_its_knob_per_sample_set(name, knob):
+    dist = two_mode_mixture(2)
+    x = torch.stack([dist.sample(120, s) for s in (0.1, 2.0)])
+    est = steinops.score_estimator(name, bandwidth="auto").fit(x)
+    assert est.tuned_[knob].shape == (2,) and est.tuned_["bandwidth"].shape == (2,)
+    grid = set(est.knob_grid(x.shape[-2])) | {est.knob_default()}
+    assert all(any(abs(float(v) - g) <= 1e-9 * g for g in grid) for v in est.tuned_[knob])
+    assert torch.isfinite(est.scores_).all()
+    # a fixed knob is held fixed
+    fixed = {"stein": dict(eta=0.5), "kef": dict(lam=1e-3), "landweber": dict(n_iter=7), "nu": dict(lam=0.01),
+             "ssge": dict(eig_mass=0.95)}[name]
+    est = steinops.score_estimator(name, bandwidth="auto", **fixed).fit(x)
+    assert knob not in est.tuned_
+
+
+@pytest.mark.parametrize("name,knob,values", [("kef", "lam", (1e-3, 3e-2)), ("landweber", "lam", (0.2, 0.01)),
+                                              ("nu", "lam", (0.05, 1e-3)), ("ssge", "eig_mass", (0.8, 0.999)),
+                                              ("stein", "eta", (0.05, 2.0))])
+def test_tensor_knob_equals_separate_fits(name, knob, values):
+    # per-set knobs (what tuning produces): sets with fewer iterations are frozen, masses differ per set
+    x = torch.randn(2, 40, 3, dtype=torch.float64)
+    both = steinops.score_estimator(name, bandwidth=1.2, **{knob: torch.tensor(values, dtype=torch.float64)}).fit(x)
+    for i, v in enumerate(values):
+        one = steinops.score_estimator(name, bandwidth=1.2, **{knob: v}).fit(x[i])
+        torch.testing.assert_close(both.scores_[i], one.scores_, rtol=1e-9, atol=1e-9)
+        q = torch.randn(5, 3, dtype=torch.float64)
+        torch.testing.assert_close(both.predict(q[None].expand(2, 5, 3))[i], one.predict(q), rtol=1e-9, atol=1e-9)
+
+
+def test_anchor_rule_keeps_the_default_unless_clearly_beaten():
+    x = two_mode_mixture(2).sample(200, 0.5)
+    est = steinops.SteinScoreEstimator()
+    never = tune(est, x, se_rule=1e9)  # nothing can beat the anchor by 1e9 standard errors
+    assert torch.allclose(never["bandwidth_mult"], torch.tensor(2.0, dtype=x.dtype)) and float(never["eta"]) == 0.3
+    free = tune(est, x, se_rule=0.0, generator=torch.Generator().manual_seed(0))  # plain argmin
+    assert free["objective"] <= never["objective"]
+
+
+def _count_fits(monkeypatch):
+    from steinops.estimators import base
+    calls = []
+    orig = base.ScoreEstimator.fit
+
+    def counting(self, x):
+        calls.append(x.shape[-2])
+        return orig(self, x)
+
+    monkeypatch.setattr(base.ScoreEstimator, "fit", counting)
+    return calls
+
+
+def test_warm_start_and_tune_every_cut_the_cost(monkeypatch):
+    from steinops.estimators.autotune import AutoTune
+    dist = _mixture(3)
+    calls = _count_fits(monkeypatch)
+    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, tune_every=2, seed=0))
+    est.fit(dist.sample(300, 0.3))
+    cold = len(calls) - 1  # 4 folds x (anchor + 4 x 6 grid)
+    assert cold == 4 * 25
+    first = est.tuned_
+    calls.clear()
+    est.fit(dist.sample(300, 0.3))  # 2nd fit: reuse (tune_every=2)
+    assert len(calls) == 1
+    torch.testing.assert_close(est.tuned_["bandwidth_mult"], first["bandwidth_mult"])
+    calls.clear()
+    est.fit(dist.sample(300, 0.3))  # 3rd fit: warm start, 1 split, anchor + 3 x 3 neighbourhood
+    assert len(calls) - 1 == 10
+    ratio = float(est.tuned_["bandwidth_mult"] / first["bandwidth_mult"])
+    assert min(abs(ratio - r) for r in (2**-0.5, 1.0, 2**0.5)) < 1e-9
+
+
+def test_warm_start_follows_a_changing_distribution():
+    # scores stay accurate while the data scale drifts 8x over 4 refits with warm starts only
+    from steinops.estimators.autotune import AutoTune
+    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, seed=1))
+    base = two_mode_mixture(2)
+    for scale in (1.0, 2.0, 4.0, 8.0):
+        x = base.sample(400, 0.5) * scale
+        est.fit(x)
+        err = relative_fisher_error(est.scores_, base.score(x / scale, 0.5) / scale)
+        assert err < 0.15
+
+
+def test_autotune_bad_settings():
+    from steinops.estimators.autotune import AutoTune
+    with pytest.raises(ValueError, match="tune_every"):
+        AutoTune(tune_every=0)
+    with pytest.raises(TypeError, match="warm_start"):
+        AutoTune(warm_start=1)
+    with pytest.raises(ValueError, match="folds"):
+        AutoTune(folds=0)
+    with pytest.raises(ValueError, match="holdout"):
+        AutoTune(holdout=1.0)
+    with pytest.raises(ValueError, match="lam"):
+        steinops.score_estimator("kef", lam="automatic")
+    with pytest.raises(ValueError, match="eig_mass"):
+        steinops.score_estimator("ssge", eig_mass="best")
+    with pytest.raises(ValueError, match="lam"):
+        steinops.score_estimator("kef", lam=torch.tensor([1e-3, -1.0])).fit(torch.randn(2, 10, 2))

@@ -169,7 +169,10 @@ def test_n_eigen_larger_than_M_raises_at_fit():
 def test_registry_and_defaults():
     est = steinops.score_estimator("ssge", kernel="imq", n_eigen=5)
     assert isinstance(est, SpectralScoreEstimator) and est.n_eigen == 5 and est.eig_mass is None
-    assert SpectralScoreEstimator().eig_mass == 0.99
+    est = SpectralScoreEstimator()
+    assert est.eig_mass == "auto"  # 0.99 unless tuned with bandwidth="auto"
+    est.fit(torch.randn(30, 2))
+    assert torch.all(est.eig_mass_ == 0.99)
     assert "ssge" in steinops.estimators.ESTIMATORS
     with pytest.raises(RuntimeError):
         SpectralScoreEstimator().predict(torch.randn(3, 2))

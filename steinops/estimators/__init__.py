@@ -1,7 +1,8 @@
 """Score estimators built on the fused ops: fit / predict classes, a registry, and thin functions."""
+from .autotune import AutoTune
 from .base import ESTIMATORS, ScoreEstimator, register, score_estimator
 from .spectral import SpectralScoreEstimator
 from .kef import KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator
 from .stein import SteinScoreEstimator, stein_score
 
-__all__ = ["ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "ScoreEstimator", "SpectralScoreEstimator", "SteinScoreEstimator", "register", "score_estimator", "stein_score"]
+__all__ = ["AutoTune", "ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "ScoreEstimator", "SpectralScoreEstimator", "SteinScoreEstimator", "register", "score_estimator", "stein_score"]

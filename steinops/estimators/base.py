@@ -16,9 +16,9 @@ import math
 import torch
 
 from .. import _checks
-from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
+from ..bandwidth import RULES as BANDWIDTH_RULES, median_distance, select_bandwidth
 from ..kernels import get_kernel
-from .autotune import tune
+from .autotune import AutoTune, candidate, tune
 
 ESTIMATORS: dict[str, type] = {}
 # Out-of-sample queries are processed in chunks holding at most this many (query, sample) pairs.
@@ -56,11 +56,18 @@ class ScoreEstimator:
         bandwidth: a positive number, a tensor of shape (...) (one per sample set), a rule name
             (see ``steinops.bandwidth``: "median" = 2 x median distance, "svgd"), or "auto": chosen per
             sample set by held-out score matching (``steinops.estimators.autotune``), together with the
-            estimator's own knob where that is "auto" too; the choice is kept in ``tuned_``.
+            estimator's regularisation knob (``knob``) where that is "auto" too; the choice is kept in
+            ``tuned_``. An ``AutoTune(warm_start=..., tune_every=...)`` instance is "auto" with other
+            settings (cheap refits in training loops).
         backend: backend of the fused ops (see ``steinops.ops.backends``).
+
+    Subclasses with a regulariser name it in ``knob`` (e.g. "eta"), keep the user's value (number,
+    tensor (...) or "auto") in that attribute, and give ``knob_grid(M)`` / ``knob_default()``; at fit
+    ``knob_tensor(batch, like)`` is the value to use (the tuned one when "auto" was tuned).
     """
 
     name = "base"
+    knob: str | None = None
 
     def __init__(self, kernel="rbf", *, bandwidth="median", backend: str | None = None):
         self.kernel = get_kernel(kernel)
@@ -70,9 +77,10 @@ class ScoreEstimator:
             if bandwidth.lower() not in BANDWIDTH_RULES + ("auto",):
                 raise ValueError(f"bandwidth must be a positive number, a tensor, 'auto', or one of {BANDWIDTH_RULES}; "
                                  f"got {bandwidth!r}")
-        elif not isinstance(bandwidth, torch.Tensor):
+        elif not isinstance(bandwidth, (torch.Tensor, AutoTune)):
             _checks.positive_number("bandwidth", bandwidth)
         self.bandwidth, self.backend = bandwidth, backend
+        self._last_tuned, self._n_fits = None, 0
 
     def fit(self, x: torch.Tensor):
         """Estimate the scores at the samples x (..., M, d); returns self."""
@@ -80,8 +88,20 @@ class ScoreEstimator:
         self._out_dtype = x.dtype
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         self.tuned_ = None
-        if isinstance(self.bandwidth, str) and self.bandwidth.lower() == "auto":
-            self.tuned_ = tune(self.name, xf, kernel=self.kernel, backend=self.backend, **self._tune_kwargs())
+        auto = self._autotune_settings()
+        if auto is not None:
+            self.tuned_ = h = None
+            prev = self._last_tuned
+            if prev is not None and prev["bandwidth_mult"].shape != xf.shape[:-2]:
+                prev = None
+            if prev is not None and self._n_fits % auto.tune_every != 0:  # reuse the last choice
+                self.tuned_ = dict(prev, bandwidth=prev["bandwidth_mult"] * median_distance(xf))
+            else:
+                gen = None if auto.seed is None else torch.Generator().manual_seed(auto.seed + self._n_fits)
+                self.tuned_ = tune(self, xf, holdout=auto.holdout, folds=auto.folds, se_rule=auto.se_rule,
+                                   previous=prev if auto.warm_start else None, generator=gen)
+            self._last_tuned = self.tuned_
+            self._n_fits += 1
             h = self.tuned_["bandwidth"]
         else:
             h = _checks.bandwidth_tensor(select_bandwidth(xf, self.bandwidth), xf.shape[:-2], xf)
@@ -113,9 +133,40 @@ class ScoreEstimator:
             raise ValueError(f"query has {query.shape[-1]} features but the samples have {self._x.shape[-1]}")
         return query.to(self._x.dtype) - self._centre
 
-    def _tune_kwargs(self) -> dict:
-        """Arguments for ``autotune.tune`` beyond the bandwidth grid (e.g. a fixed knob value)."""
-        return {}
+    def _autotune_settings(self) -> AutoTune | None:
+        if isinstance(self.bandwidth, AutoTune):
+            return self.bandwidth
+        if isinstance(self.bandwidth, str) and self.bandwidth.lower() == "auto":
+            return AutoTune()
+        return None
+
+    # -- the regularisation knob ----------------------------------------------------------------
+    def knob_is_auto(self) -> bool:
+        """Whether the knob is "auto" (tuned with ``bandwidth="auto"``, else its default)."""
+        return self.knob is not None and isinstance(getattr(self, self.knob), str)
+
+    def knob_grid(self, M: int) -> tuple:
+        """Candidate knob values for M samples."""
+        return ()
+
+    def knob_default(self) -> float:
+        """The knob's value when it is "auto" and not tuned."""
+        raise NotImplementedError
+
+    def knob_tensor(self, batch_shape, like: torch.Tensor) -> torch.Tensor:
+        """The knob to use in ``_fit``: tuned (...), given (number / tensor), or the default."""
+        value = getattr(self, self.knob)
+        if isinstance(value, str):
+            tuned = self.tuned_.get(self.knob) if self.tuned_ is not None else None
+            value = self.knob_default() if tuned is None else tuned
+        return self._check_knob(value, batch_shape, like)
+
+    def _check_knob(self, value, batch_shape, like) -> torch.Tensor:
+        return _checks.per_batch_positive(self.knob, value, batch_shape, like)
+
+    def candidate(self, bandwidth, knob_value):
+        """A fresh, unfitted copy with another bandwidth (...) and knob (...) (None: unchanged)."""
+        return candidate(self, bandwidth, knob_value)
 
     # -- to implement -------------------------------------------------------------------------
     def _fit(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

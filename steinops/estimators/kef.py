@@ -76,14 +76,23 @@ from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
+from .stein import ETA_GRID
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
+DEFAULT_LAM = 3e-4  # KEF: M lam = 0.3 (the SGE's default eta) at M = 1000
 
 POWER_ITERS = 8
 
 
-def _check_lam(lam) -> float:
+def _check_lam(lam):
+    """lam as given: "auto", a tensor (checked at fit, per sample set) or a positive finite float."""
+    if isinstance(lam, str):
+        if lam.lower() != "auto":
+            raise ValueError(f"lam must be a positive finite number, a tensor or 'auto', got {lam!r}")
+        return "auto"
+    if isinstance(lam, torch.Tensor):
+        return lam
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise ValueError(f"lam must be a positive finite number, got {lam!r}")
     lam = float(lam)
@@ -168,9 +177,6 @@ class _KScoreBase(ScoreEstimator):
         super().__init__(kernel, bandwidth=bandwidth, backend=backend)
         self.curl_free = _check_curl_free(curl_free)
 
-    def _tune_kwargs(self):
-        return {"curl_free": self.curl_free}
-
     def _predict_chunk(self, z):
         x, M = self._x, self._x.shape[-2]
         if self.curl_free:
@@ -211,7 +217,8 @@ class KEFScoreEstimator(_KScoreBase):
 
     Args:
         kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
-        lam: regulariser > 0 (finite). Default 3e-4 (= the SGE default eta 0.3 at M = 1000).
+        lam: regulariser > 0 (number or tensor (...)), or "auto": 3e-4 (= the SGE default eta 0.3 at
+            M = 1000), tuned over ``M lam`` in the SGE's eta grid when ``bandwidth="auto"``.
         curl_free: False (diagonal kernel ``k I``) or True (curl-free kernel: the estimate is a gradient
             field and ``log_density`` is available; see the module docstring).
         solver: "dense" (Cholesky of ``K + M lam I``), "matrix_free" (conjugate gradient on the fused
@@ -223,16 +230,25 @@ class KEFScoreEstimator(_KScoreBase):
     (..., M, d) of the representer ``s(z) = a S_z / M + K_z coef``.
     """
 
-    def __init__(self, kernel="rbf", *, bandwidth="median", lam=3e-4, solver="auto", curl_free=False,
+    knob = "lam"
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam="auto", solver="auto", curl_free=False,
                  backend: str | None = None):
         super().__init__(kernel, bandwidth=bandwidth, curl_free=curl_free, backend=backend)
         self.lam = _check_lam(lam)
         self.solver = _check_solver(solver)
 
+    def knob_grid(self, M):
+        return tuple(v / M for v in ETA_GRID)  # M lam on the SGE's eta grid (in-sample KEF == SGE(M lam))
+
+    def knob_default(self):
+        return DEFAULT_LAM
+
     def _fit(self, xc, h):
         *batch, M, d = xc.shape
         self.solver_ = _pick(self.solver, xc, self.curl_free)
-        eta = torch.full(batch, M * self.lam, dtype=xc.dtype, device=xc.device)
+        self.lam_ = lam = self.knob_tensor(batch, xc)
+        eta = M * lam
         if self.curl_free:
             S = curl_free_stein_term(xc, h, kernel=self.kernel)
             if self.solver_ == "dense":  # (M d) x (M d) Cholesky, row index m * d + i
@@ -243,13 +259,13 @@ class KEFScoreEstimator(_KScoreBase):
                 G = -_curl_free_solve(xc, S, h, eta, self.kernel)
         elif self.solver_ == "dense":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
-            A = K + (M * self.lam) * torch.eye(M, dtype=K.dtype, device=K.device)
+            A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
             G = -torch.cholesky_solve(S, cholesky_jitter(A))
         else:  # conjugate gradient on the fused kernel product, O(M d) memory
             S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
             G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend)
-        self.a_ = torch.full(xc.shape[:-2], -1.0 / self.lam, dtype=xc.dtype, device=xc.device)
-        self.coef_ = -G / (M * self.lam)
+        self.a_ = -1.0 / lam
+        self.coef_ = -G / eta[..., None, None]
         return G
 
 
@@ -258,14 +274,30 @@ class _IterativeBase(_KScoreBase):
                  curl_free=False, backend: str | None = None):
         super().__init__(kernel, bandwidth=bandwidth, curl_free=curl_free, backend=backend)
         self.solver = _check_solver(solver)
-        if lam is None and n_iter is None:
-            raise ValueError("give lam (> 0) or n_iter (positive int)")
-        self.lam = None if lam is None else _check_lam(lam)
+        self.lam = _check_lam(lam)
         self.n_iter = None if n_iter is None else _check_n_iter(n_iter)
         self.step = _check_step(step)
 
-    def _iterations(self) -> int:
+    knob = "lam"
+
+    def knob_is_auto(self):
+        return self.n_iter is None and super().knob_is_auto()
+
+    def knob_grid(self, M):
+        return self.LAM_GRID
+
+    def knob_default(self):
+        return self.DEFAULT_LAM
+
+    def _steps(self, lam: torch.Tensor) -> torch.Tensor:
+        """Number of iterations (...) for the regularisation lam (...)."""
         raise NotImplementedError
+
+    def _iterations(self, batch, like) -> torch.Tensor:
+        if self.n_iter is not None:
+            return torch.full(batch, self.n_iter, dtype=torch.int64, device=like.device)
+        self.lam_ = self.knob_tensor(batch, like)
+        return self._steps(self.lam_.detach()).clamp_min(1)
 
     def _fit(self, xc, h):
         *batch, M, d = xc.shape
@@ -288,7 +320,8 @@ class _IterativeBase(_KScoreBase):
         else:
             step = torch.full(xc.shape[:-2], self.step, dtype=xc.dtype, device=xc.device)
         self.step_ = step
-        self.n_iter_ = T = self._iterations()
+        T = self._iterations(batch, xc)  # per sample set; sets with fewer steps are frozen early
+        self.n_iter_ = int(T.flatten()[0]) if bool((T == T.flatten()[0]).all()) else T
         a, c, v = self._run(matvec, S / M, step, T)
         self.a_, self.coef_ = a, c
         return v
@@ -305,8 +338,8 @@ class LandweberScoreEstimator(_IterativeBase):
 
     Args:
         kernel, bandwidth, backend: as for the SGE. curl_free: as for ``KEFScoreEstimator``.
-        lam: > 0; T = ceil(1/lam) steps (lam relative to the spectral bound, see the module).
-            Default 3e-3 (334 steps) when neither lam nor n_iter is given.
+        lam: > 0 (number or tensor (...)) or "auto" (3e-3, 334 steps; tuned with ``bandwidth="auto"``);
+            T = ceil(1/lam) steps (lam relative to the spectral bound, see the module).
         n_iter: positive int, the number of steps T (overrides lam).
         step: step size (default ``1 / b``, b a rigorous bound on lambda_max(K/M)); needs
             ``step * lambda_max(K/M) < 2``.
@@ -316,15 +349,16 @@ class LandweberScoreEstimator(_IterativeBase):
     After ``fit``: ``scores_``, ``bandwidth_``, ``step_`` (...), ``n_iter_``, ``a_``, ``coef_``.
     """
 
-    def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, step=None, solver="auto",
+    DEFAULT_LAM = 3e-3
+    LAM_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam="auto", n_iter=None, step=None, solver="auto",
                  curl_free=False, backend: str | None = None):
-        if lam is None and n_iter is None:
-            lam = 3e-3
         super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
                          curl_free=curl_free, backend=backend)
 
-    def _iterations(self):
-        return self.n_iter if self.n_iter is not None else max(1, math.ceil(1.0 / self.lam))
+    def _steps(self, lam):
+        return torch.ceil(1.0 / lam).long()
 
     @staticmethod
     def _run(matvec, Z, step, T):
@@ -333,9 +367,10 @@ class LandweberScoreEstimator(_IterativeBase):
         a = torch.zeros(step.shape, dtype=Z.dtype, device=Z.device)
         c = torch.zeros_like(Z)
         v = torch.zeros_like(Z)
-        for _ in range(T):
-            c = c - (st / M) * v
-            a = a - step
+        for t in range(1, int(T.max()) + 1):
+            live = T >= t
+            c = torch.where(live[..., None, None], c - (st / M) * v, c)
+            a = torch.where(live, a - step, a)
             v = a[..., None, None] * Z + matvec(c)
         return a, c, v
 
@@ -360,7 +395,8 @@ class NuMethodScoreEstimator(_IterativeBase):
 
     Args:
         kernel, bandwidth, backend: as for the SGE. curl_free: as for ``KEFScoreEstimator``.
-        lam: > 0; T = ceil(lam^{-1/2}) (default 1e-3: 32 steps). n_iter: positive int T (overrides lam).
+        lam: > 0 (number or tensor (...)) or "auto" (1e-3: 32 steps; tuned with ``bandwidth="auto"``);
+            T = ceil(lam^{-1/2}). n_iter: positive int T (overrides lam).
         nu: > 0 (default 1), the qualification of the method.
         step: step size (default ``1 / b``, b a rigorous bound on lambda_max(K/M)); needs
             ``step * lambda_max(K/M) <= 1``.
@@ -369,18 +405,19 @@ class NuMethodScoreEstimator(_IterativeBase):
     After ``fit``: ``scores_``, ``bandwidth_``, ``step_`` (...), ``n_iter_``, ``a_``, ``coef_``.
     """
 
-    def __init__(self, kernel="rbf", *, bandwidth="median", lam=None, n_iter=None, nu=1.0, step=None,
+    DEFAULT_LAM = 1e-3
+    LAM_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+
+    def __init__(self, kernel="rbf", *, bandwidth="median", lam="auto", n_iter=None, nu=1.0, step=None,
                  solver="auto", curl_free=False, backend: str | None = None):
-        if lam is None and n_iter is None:
-            lam = 1e-3
         super().__init__(kernel, bandwidth=bandwidth, lam=lam, n_iter=n_iter, step=step, solver=solver,
                          curl_free=curl_free, backend=backend)
         if isinstance(nu, bool) or not isinstance(nu, numbers.Real) or not math.isfinite(float(nu)) or nu <= 0:
             raise ValueError(f"nu must be a positive finite number, got {nu!r}")
         self.nu = float(nu)
 
-    def _iterations(self):
-        return self.n_iter if self.n_iter is not None else max(1, math.ceil(self.lam ** -0.5))
+    def _steps(self, lam):
+        return torch.ceil(lam ** -0.5).long()
 
     def _run(self, matvec, Z, step, T):
         M = Z.shape[-2]
@@ -388,10 +425,13 @@ class NuMethodScoreEstimator(_IterativeBase):
         a_prev = torch.zeros(step.shape, dtype=Z.dtype, device=Z.device)
         c_prev = torch.zeros_like(Z)
         a, c, v = a_prev, c_prev, torch.zeros_like(Z)
-        for k in range(1, T + 1):
+        for k in range(1, int(T.max()) + 1):
             mu, om = nu_coefficients(k, self.nu)
-            a_new = a + mu * (a - a_prev) - om * step
-            c_new = c + mu * (c - c_prev) - (om / M) * st * v
-            a_prev, c_prev, a, c = a, c, a_new, c_new
+            live = T >= k
+            a_new = torch.where(live, a + mu * (a - a_prev) - om * step, a)
+            c_new = torch.where(live[..., None, None], c + mu * (c - c_prev) - (om / M) * st * v, c)
+            a_prev = torch.where(live, a, a_prev)
+            c_prev = torch.where(live[..., None, None], c, c_prev)
+            a, c = a_new, c_new
             v = a[..., None, None] * Z + matvec(c)
         return a, c, v

@@ -53,6 +53,7 @@ from ..ops.gram import gram
 from .base import ScoreEstimator, register
 
 DEFAULT_EIG_MASS = 0.99
+EIG_MASS_GRID = (0.9, 0.95, 0.99, 0.999)  # searched with bandwidth="auto" when eig_mass="auto"
 
 
 def _check_n_eigen(n_eigen):
@@ -64,6 +65,12 @@ def _check_n_eigen(n_eigen):
 
 
 def _check_eig_mass(eig_mass):
+    if isinstance(eig_mass, str):
+        if eig_mass.lower() != "auto":
+            raise ValueError(f"eig_mass must be a number in (0, 1], a tensor or 'auto', got {eig_mass!r}")
+        return "auto"
+    if isinstance(eig_mass, torch.Tensor):
+        return eig_mass  # checked at fit
     if isinstance(eig_mass, bool) or not isinstance(eig_mass, numbers.Real):
         raise ValueError(f"eig_mass must be a number in (0, 1], got {eig_mass!r}")
     eig_mass = float(eig_mass)
@@ -79,11 +86,11 @@ class SpectralScoreEstimator(ScoreEstimator):
     Args:
         kernel: "rbf" or "imq".
         bandwidth: a positive number, a tensor of shape (...) (one per sample set), or a rule name
-            ("median": 2 x median distance, the default; "svgd").
+            ("median": 2 x median distance, the default; "svgd"), or "auto" (held-out score matching).
         n_eigen: number J of eigenpairs kept, an int in [1, M] (checked against M at fit).
         eig_mass: keep the smallest J whose eigenvalues hold this fraction in (0, 1] of the total
-            eigenvalue mass (per batch element). Default 0.99 when ``n_eigen`` is not given; giving
-            both is an error.
+            eigenvalue mass (per batch element; a number or a tensor (...)), or "auto": 0.99, tuned
+            with ``bandwidth="auto"``. The default when ``n_eigen`` is not given; giving both is an error.
         backend: backend of the fused ops (see ``steinops.ops.backends``).
 
     After ``fit(x)`` with x (..., M, d): ``scores_`` (..., M, d) in-sample estimates; ``bandwidth_``
@@ -101,12 +108,28 @@ class SpectralScoreEstimator(ScoreEstimator):
         if n_eigen is not None:
             n_eigen = _check_n_eigen(n_eigen)
         elif eig_mass is None:
-            eig_mass = DEFAULT_EIG_MASS
+            eig_mass = "auto"
         if eig_mass is not None:
             eig_mass = _check_eig_mass(eig_mass)
         self.n_eigen, self.eig_mass = n_eigen, eig_mass
 
-    def _mask(self, lam: torch.Tensor) -> torch.Tensor:
+    knob = "eig_mass"
+
+    def knob_grid(self, M):
+        return EIG_MASS_GRID
+
+    def knob_default(self):
+        return DEFAULT_EIG_MASS
+
+    def _check_knob(self, value, batch_shape, like):
+        if isinstance(value, torch.Tensor):
+            t = super()._check_knob(value, batch_shape, like)
+            if not bool((t <= 1).all()):
+                raise ValueError("eig_mass must be in (0, 1]")
+            return t
+        return torch.full(batch_shape, _check_eig_mass(value), dtype=like.dtype, device=like.device)
+
+    def _mask(self, lam: torch.Tensor, mass: torch.Tensor | None) -> torch.Tensor:
         """Eigenvalues (..., M) descending -> bool mask (..., M) of the eigenpairs kept."""
         M = lam.shape[-1]
         lam = lam.detach()
@@ -118,7 +141,7 @@ class SpectralScoreEstimator(ScoreEstimator):
         pos = lam.clamp_min(0)
         cum_before = torch.cumsum(pos, -1) - pos  # mass of the eigenpairs before j
         total = pos.sum(-1, keepdim=True)
-        return valid & (cum_before < self.eig_mass * total)
+        return valid & (cum_before < mass.detach()[..., None] * total)
 
     def _fit(self, xc, h):
         M = xc.shape[-2]
@@ -127,7 +150,9 @@ class SpectralScoreEstimator(ScoreEstimator):
         K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
         lam, U = torch.linalg.eigh(K)  # ascending
         lam, U = lam.flip(-1), U.flip(-1)  # descending
-        mask = self._mask(lam)
+        mass = None if self.n_eigen is not None else self.knob_tensor(lam.shape[:-1], lam)
+        self.eig_mass_ = mass
+        mask = self._mask(lam, mass)
         inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
         W = U.transpose(-1, -2) @ S  # (..., M, d): u_j^T S
         self.eigenvalues_, self.eigenvectors_, self.eigen_mask_ = lam, U, mask

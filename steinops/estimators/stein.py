@@ -30,6 +30,7 @@ from ._kernel_system import kernel_solve
 from .base import ScoreEstimator, dense_fits, register
 
 DEFAULT_ETA = 0.3
+ETA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # searched with bandwidth="auto" when eta="auto"
 SOLVERS = ("auto", "cholesky", "cg")
 
 
@@ -72,16 +73,17 @@ class SteinScoreEstimator(ScoreEstimator):
         self.eta, self.solver = eta, solver.lower()
         self.cg_rtol, self.cg_max_iter = cg_rtol, cg_max_iter
 
-    def _tune_kwargs(self):
-        # eta is tuned along with the bandwidth when "auto"; a given eta is held fixed
-        if isinstance(self.eta, str):
-            return {}
-        return {"knob_values": (self.eta,)}
+    knob = "eta"
+
+    def knob_grid(self, M):
+        return ETA_GRID
+
+    def knob_default(self):
+        return DEFAULT_ETA
 
     def _fit(self, xc, h):
         batch, M = xc.shape[:-2], xc.shape[-2]
-        eta = self.tuned_["eta"] if self.tuned_ is not None and isinstance(self.eta, str) else self.eta
-        eta = _eta_tensor(eta, batch, xc)
+        eta = self.knob_tensor(batch, xc)
         solver = self.solver
         if solver == "auto":
             solver = "cholesky" if dense_fits(xc) else "cg"
