@@ -63,6 +63,11 @@ def _sqdist(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (zz.unsqueeze(-1) + xx.unsqueeze(-2) - 2 * z @ x.transpose(-1, -2)).clamp_min(0)
 
 
+def _rows_per_block(B: int, M: int, d: int) -> int:
+    """Query rows per block so that one (B, rows, M) slab (times d for direct differences) fits BLOCK_ENTRIES."""
+    return max(1, BLOCK_ENTRIES // max(1, B * M * (d if d <= DIRECT_DIFF_MAX_D else 1)))
+
+
 def _block(z, x, c, w, h2, kernel, want_field, want_potential):
     d = x.shape[-1]
     r2 = _sqdist(z, x)
@@ -107,8 +112,7 @@ def curl_free_apply(z, x, h, *, kernel: KernelProfile, coef=None, weight=None, f
     h2 = (h * h).expand(batch).reshape(B, 1, 1)
     cf = None if coef is None else coef.expand(*batch, M, d).reshape(B, M, d)
     wf = None if weight is None else weight.expand(batch).reshape(B, 1, 1)
-    per_row = B * M * (d if d <= DIRECT_DIFF_MAX_D else 1)
-    rows = max(1, BLOCK_ENTRIES // max(1, per_row))
+    rows = _rows_per_block(B, M, d)
     tensors = [t for t in (zf, xf, h2, cf, wf) if t is not None]
     use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fields, pots = [], []
@@ -157,7 +161,7 @@ def curl_free_norm_bound(x, h, *, kernel, n_power: int = 8):
         B = math.prod(batch)
         xf = x.reshape(B, M, d)
         h2 = (h * h).expand(batch).reshape(B, 1, 1)
-        rows = max(1, BLOCK_ENTRIES // max(1, B * M * (d if d <= DIRECT_DIFF_MAX_D else 1)))
+        rows = _rows_per_block(B, M, d)
 
         def nmv(v):
             out = []

@@ -90,7 +90,6 @@ class ScoreEstimator:
         self.tuned_ = None
         auto = self._autotune_settings()
         if auto is not None:
-            self.tuned_ = h = None
             prev = self._last_tuned
             if prev is not None and prev["bandwidth_mult"].shape != xf.shape[:-2]:
                 prev = None
