@@ -1,0 +1,432 @@
+"""Training objectives of a noise-conditional score model s(x, sigma) ~ grad log q_sigma(x).
+
+A training step draws a batch x (B, *shape), ``perturb`` splits it into G groups (one noise level each)
+of m samples and adds noise; an ``Objective`` turns the model and that ``NoisyBatch`` into a scalar loss.
+Every loss uses the lambda(sigma) = sigma^2 weighting and averages over groups and samples
+(x~ = noisy sample, z = its standard normal noise, J = d s / d x~, D = prod(shape)):
+
+    dsm     1/2 |sigma s(x~) + z|^2                              (denoising score matching)
+    ssm     sigma^2 [ v^T J v + 1/2 (v^T s)^2 ]                  (sliced score matching, v random)
+    ssm-vr  sigma^2 [ v^T J v + 1/2 |s|^2 ]                      (its variance-reduced form)
+    sm      sigma^2 [ tr J + 1/2 |s|^2 ]                         (Hyvarinen, exact trace; D <= max_dim)
+    stein   1/2 sigma^2 |s(x~) - g(x~)|^2                        (g: a Stein estimator fitted on the noisy group)
+    ksd     sigma_g^2 KSD^2_U(x~_g, s(x~_g)) per group           (kernelized Stein discrepancy, U-statistic)
+
+ssm, ssm-vr and sm equal 1/2 sigma^2 E|s - grad log q_sigma|^2 up to a constant (integration by parts), dsm
+too (Vincent 2011), so all four share their minimiser; stein and ksd never look at the clean data or the
+noise, only at the noisy samples of a level.
+
+    batch = perturb(x, schedule.sigmas, levels_per_step=4, generator=g)
+    loss, diag = get_objective("ssm", n_projections=1)(model, batch, generator=g)
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
+from ..estimators.base import ESTIMATORS, score_estimator
+from ..ops.ksd import ksd
+
+PROJECTIONS = ("rademacher", "gaussian")
+
+
+# --------------------------------------------------------------------------------------------------
+# noisy batches
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class NoisyBatch:
+    """A batch grouped by noise level; G groups of m samples of shape ``shape``.
+
+    Attributes:
+        clean: (G, m, *shape) clean data.
+        noisy: (G, m, *shape) clean + sigma_g * noise.
+        noise: (G, m, *shape) the standard normal noise z.
+        sigma: (G,) the level of each group (dtype of the data).
+        level: (G,) long, the index of each level in ``schedule.sigmas``.
+    """
+
+    clean: Tensor
+    noisy: Tensor
+    noise: Tensor
+    sigma: Tensor
+    level: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.noisy.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.noisy.shape[1]
+
+    def flat(self) -> tuple[Tensor, Tensor]:
+        """The model's inputs: noisy samples (G m, *shape) and their levels (G m,) (group by group)."""
+        G, m = self.noisy.shape[:2]
+        x = self.noisy.reshape(G * m, *self.noisy.shape[2:])
+        return x, self.sigma.to(x.dtype).repeat_interleave(m)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _on(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where to draw random numbers: the generator's device (so a CPU generator also drives CUDA runs)."""
+    return generator.device if generator is not None else device
+
+
+def perturb(x: Tensor, sigmas: Tensor, levels_per_step: int, *, generator: torch.Generator | None = None) -> NoisyBatch:
+    """Group a batch by noise level and add the noise.
+
+    Picks G = min(levels_per_step, L) distinct levels uniformly at random (a random permutation of the L
+    levels), splits x in order into G groups of m = B // G samples (the last B % G samples are dropped)
+    and returns noisy = clean + sigma_g z, z ~ N(0, I).
+
+    Args:
+        x: clean data (B, *shape) (e.g. (B, d) or images (B, C, H, W)), floating.
+        sigmas: the noise levels (L,) (e.g. ``schedule.sigmas``), positive.
+        levels_per_step: number of levels per batch, >= 1.
+        generator: random source of the levels and the noise.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"x must be a floating tensor of shape (B, *shape), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1:
+        raise ValueError(f"sigmas must be a 1-D tensor of noise levels (L,), got "
+                         f"{tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__}")
+    if not bool(((sigmas > 0) & torch.isfinite(sigmas)).all()):
+        raise ValueError("sigmas must be positive and finite")
+    _positive_int("levels_per_step", levels_per_step)
+    B, shape, L = x.shape[0], x.shape[1:], sigmas.numel()
+    G = min(levels_per_step, L)
+    m = B // G
+    if m < 1:
+        raise ValueError(f"x: a batch of {B} samples cannot be split into {G} noise-level groups "
+                         f"(levels_per_step={levels_per_step}); use a larger batch")
+    level = torch.randperm(L, generator=generator, device=_on(generator, x.device))[:G].to(x.device)
+    sigma = sigmas.to(x.device)[level].to(x.dtype)
+    clean = x[: G * m].reshape(G, m, *shape)
+    noise = torch.randn(clean.shape, generator=generator, dtype=x.dtype, device=_on(generator, x.device)).to(x.device)
+    noisy = clean + sigma.view(G, 1, *([1] * len(shape))) * noise
+    return NoisyBatch(clean=clean, noisy=noisy, noise=noise, sigma=sigma, level=level)
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+def _sum_rows(t: Tensor) -> Tensor:
+    """(N, *shape) -> (N,): sum over everything but the first dimension."""
+    return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def _score(model, x: Tensor, sigma: Tensor) -> Tensor:
+    s = model(x, sigma)
+    if not isinstance(s, Tensor) or s.shape != x.shape:
+        raise ValueError(f"model(x, sigma) must return a tensor of x's shape {tuple(x.shape)}, got "
+                         f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}")
+    return s
+
+
+def draw_projections(shape, projection: str, *, generator: torch.Generator | None = None,
+                     dtype=torch.float32, device=None) -> Tensor:
+    """Random slicing directions v of the given shape with E[v v^T] = I: Rademacher (+-1) or standard normal."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    where = _on(generator, device)
+    if projection == "gaussian":
+        v = torch.randn(shape, generator=generator, dtype=dtype, device=where)
+    else:
+        v = torch.randint(0, 2, shape, generator=generator, device=where).to(dtype) * 2 - 1
+    return v.to(device)
+
+
+def score_and_vjv(model, x: Tensor, sigma: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """s = model(x, sigma) (N, *shape) and v^T J v (N,) per sample, J = d s / d x, by ONE forward-mode
+    Jacobian-vector product (``torch.func.jvp``: the tangent J v comes with the forward pass).
+
+    Both outputs are differentiable with respect to the model's parameters (reverse mode over forward mode),
+    so a loss built from them trains the model. ``x`` itself is not differentiated through.
+    """
+    if v.shape != x.shape:
+        raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    s, jv = torch.func.jvp(lambda y: _score(model, y, sigma), (x.detach(),), (v.to(x.dtype),))
+    return s, _sum_rows(v.to(jv.dtype) * jv)
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.detach().double().square().mean().sqrt())
+
+
+# --------------------------------------------------------------------------------------------------
+# objectives
+# --------------------------------------------------------------------------------------------------
+class Objective:
+    """A training loss: ``loss, diagnostics = objective(model, batch, generator=g)``.
+
+    ``loss`` is a scalar differentiable with respect to the model's parameters, ``diagnostics`` a dict of
+    floats for logging. ``min_group`` is the smallest group size m the objective accepts. ``state_dict`` /
+    ``load_state_dict`` carry whatever the objective keeps between calls (for bit-exact resume).
+    """
+
+    name = "base"
+    min_group = 1
+
+    def __init__(self):  # no options
+        pass
+
+    def __call__(self, model, batch: NoisyBatch, *, generator: torch.Generator | None = None):
+        if not isinstance(batch, NoisyBatch):
+            raise TypeError(f"batch must be a NoisyBatch (see perturb), got {type(batch).__name__}")
+        if batch.noisy.dim() < 3 or batch.sigma.shape != batch.noisy.shape[:1]:
+            raise ValueError(f"batch: noisy must be (G, m, *shape) with sigma (G,), got noisy "
+                             f"{tuple(batch.noisy.shape)} and sigma {tuple(batch.sigma.shape)}")
+        if batch.group_size < self.min_group:
+            raise ValueError(f"batch: groups of m={batch.group_size} samples are smaller than min_group="
+                             f"{self.min_group} of method {self.name!r}; use a larger batch_size or fewer "
+                             f"levels_per_step")
+        return self._loss(model, batch, generator)
+
+    def _loss(self, model, batch: NoisyBatch, generator) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def _options(self) -> dict:
+        return {}
+
+
+class DenoisingScoreMatching(Objective):
+    """dsm: mean 1/2 |sigma s(x~, sigma) + z|^2 (the sigma^2-weighted DSM of Vincent 2011 / NCSN)."""
+
+    name = "dsm"
+
+    def _loss(self, model, batch, generator):
+        x, sig = batch.flat()
+        s = _score(model, x, sig)
+        z = batch.noise.reshape(x.shape).to(s.dtype)
+        sig_s = sig.to(s.dtype).view(-1, *([1] * (x.dim() - 1))) * s
+        loss = (0.5 * _sum_rows((sig_s + z).square())).mean()
+        return loss, {"sigma_score_rms": _rms(sig_s)}
+
+
+class SlicedScoreMatching(Objective):
+    """ssm: mean sigma^2 [ v^T J v + 1/2 (v^T s)^2 ] over the samples and ``n_projections`` directions v per
+    sample (Song et al. 2019), v ~ ``projection`` ("rademacher" or "gaussian"), drawn with ``generator``.
+    v^T J v is one Jacobian-vector product (``score_and_vjv``) on the batch repeated n_projections times."""
+
+    name = "ssm"
+    variance_reduced = False
+
+    def __init__(self, n_projections: int = 1, projection: str = "rademacher"):
+        self.n_projections = _positive_int("n_projections", n_projections)
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.projection = projection
+
+    def _options(self):
+        return {"n_projections": self.n_projections, "projection": self.projection}
+
+    def _loss(self, model, batch, generator):
+        x, sig = batch.flat()
+        K = self.n_projections
+        xr = x.repeat(K, *([1] * (x.dim() - 1)))  # (K N, *shape), block k = projection k
+        sr = sig.repeat(K)
+        v = draw_projections(xr.shape, self.projection, generator=generator, dtype=x.dtype, device=x.device)
+        s, vjv = score_and_vjv(model, xr, sr, v)
+        if self.variance_reduced:  # E_v (v^T s)^2 = |s|^2 in closed form
+            quad = _sum_rows(s.square())
+        else:
+            quad = _sum_rows(v.to(s.dtype) * s).square()
+        w = sr.to(s.dtype).square()
+        loss = (w * (vjv + 0.5 * quad)).mean()
+        return loss, {"sigma_score_rms": _rms(sr.to(s.dtype).view(-1, *([1] * (x.dim() - 1))) * s),
+                      "vjv_weighted": float((w * vjv).detach().mean())}
+
+
+class SlicedScoreMatchingVR(SlicedScoreMatching):
+    """ssm-vr: mean sigma^2 [ v^T J v + 1/2 |s|^2 ] (the variance-reduced sliced score matching)."""
+
+    name = "ssm-vr"
+    variance_reduced = True
+
+
+class ScoreMatching(Objective):
+    """sm: mean sigma^2 [ tr J + 1/2 |s|^2 ] with the exact trace (Hyvarinen 2005).
+
+    tr J = sum_i e_i^T J e_i: D Jacobian-vector products, done as one ``torch.func.jvp`` on the batch
+    repeated D times (D = prod(shape)), so the cost is D forward passes; ValueError if D > ``max_dim``.
+    """
+
+    name = "sm"
+
+    def __init__(self, max_dim: int = 64):
+        self.max_dim = _positive_int("max_dim", max_dim)
+
+    def _options(self):
+        return {"max_dim": self.max_dim}
+
+    def _loss(self, model, batch, generator):
+        x, sig = batch.flat()
+        N, shape = x.shape[0], x.shape[1:]
+        D = math.prod(shape)
+        if D > self.max_dim:
+            raise ValueError(f"sm: the data dimension D={D} exceeds max_dim={self.max_dim} (the exact trace costs "
+                             f"D forward passes); raise max_dim or use ssm / ssm-vr")
+        basis = torch.eye(D, dtype=x.dtype, device=x.device).reshape(D, *shape)
+        tangents = basis.repeat_interleave(N, 0)  # block i: e_i for every sample
+        xr = x.repeat(D, *([1] * len(shape)))
+        s, diag = score_and_vjv(model, xr, sig.repeat(D), tangents)  # diag: J_ii, block i
+        trace = diag.view(D, N).sum(0)
+        s = s[:N]
+        w = sig.to(s.dtype).square()
+        loss = (w * (trace + 0.5 * _sum_rows(s.square()))).mean()
+        return loss, {"sigma_score_rms": _rms(sig.to(s.dtype).view(-1, *([1] * len(shape))) * s)}
+
+
+class SteinObjective(Objective):
+    """stein: regress the model on nonparametric score estimates of the noisy samples,
+    mean 1/2 sigma^2 |s(x~) - g(x~)|^2.
+
+    g: a steinops estimator (``estimator`` in ``steinops.ESTIMATORS``, ``**estimator_options`` passed to
+    ``steinops.score_estimator``: kernel, bandwidth (e.g. ``steinops.AutoTune(...)``), eta / lam / ...) fitted
+    under ``no_grad`` on the noisy groups only, in one batched fit over (G, m, D) (images flattened to
+    D = C H W for the estimator), in-sample estimates ``scores_``; the targets are constants. The clean data
+    and the noise are never used. The estimator instance persists across calls (AutoTune warm starts);
+    ``state_dict`` keeps its tuning state. The fit runs in the dtype of the noisy samples.
+    """
+
+    name = "stein"
+    min_group = 8
+
+    def __init__(self, estimator: str = "stein", **estimator_options):
+        if not isinstance(estimator, str) or estimator.lower() not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
+        self.estimator_name = estimator.lower()
+        self.estimator_options = dict(estimator_options)
+        self.estimator = score_estimator(self.estimator_name, **estimator_options)  # bad options fail here
+
+    def _options(self):
+        return {"estimator": self.estimator_name, **self.estimator_options}
+
+    def _loss(self, model, batch, generator):
+        G, m = batch.noisy.shape[:2]
+        with torch.no_grad():
+            self.estimator.fit(batch.noisy.detach().reshape(G, m, -1))
+            g = self.estimator.scores_.detach()
+        x, sig = batch.flat()
+        s = _score(model, x, sig)
+        target = g.reshape(x.shape).to(s.dtype)
+        w = sig.to(s.dtype).square()
+        loss = (0.5 * w * _sum_rows((s - target).square())).mean()
+        sig_col = sig.to(s.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return loss, {"target_rms": _rms(g), "sigma_target_rms": _rms(sig_col * target),
+                      "sigma_score_rms": _rms(sig_col * s),
+                      "bandwidth": float(self.estimator.bandwidth_.detach().double().mean())}
+
+    def state_dict(self) -> dict:
+        last = self.estimator._last_tuned
+        if last is not None:
+            last = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in last.items()}
+        return {"estimator": self.estimator_name, "last_tuned": last, "n_fits": int(self.estimator._n_fits)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        missing = {"last_tuned", "n_fits"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)} (not a stein objective's state_dict)")
+        if state.get("estimator", self.estimator_name) != self.estimator_name:
+            raise ValueError(f"state is for estimator {state['estimator']!r}, this objective uses {self.estimator_name!r}")
+        last = state["last_tuned"]
+        if last is not None:
+            last = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in last.items()}
+        self.estimator._last_tuned = last
+        self.estimator._n_fits = int(state["n_fits"])
+
+
+class KSDObjective(Objective):
+    """ksd: mean over groups of sigma_g^2 KSD^2_U(x~_g, s(x~_g)) (``steinops.ksd``, U-statistic, i != j), the
+    model's scores at the noisy samples of each group against those samples (images flattened to D).
+
+    Options: kernel "rbf" or "imq"; bandwidth a positive number or a rule name ("median": computed per group
+    from the noisy samples, detached). The U-statistic is unbiased, so the loss can be slightly negative.
+    """
+
+    name = "ksd"
+    min_group = 8
+
+    def __init__(self, kernel: str = "rbf", bandwidth="median"):
+        if kernel not in ("rbf", "imq"):
+            raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
+        if isinstance(bandwidth, str):
+            if bandwidth not in BANDWIDTH_RULES:
+                raise ValueError(f"bandwidth must be a positive number or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
+        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not (
+                math.isfinite(bandwidth) and bandwidth > 0):
+            raise ValueError(f"bandwidth must be a positive number or one of {BANDWIDTH_RULES}, got {bandwidth!r}")
+        self.kernel, self.bandwidth = kernel, bandwidth
+
+    def _options(self):
+        return {"kernel": self.kernel, "bandwidth": self.bandwidth}
+
+    def _loss(self, model, batch, generator):
+        G, m = batch.noisy.shape[:2]
+        x, sig = batch.flat()
+        s = _score(model, x, sig)
+        xg = batch.noisy.detach().reshape(G, m, -1).to(s.dtype)
+        if isinstance(self.bandwidth, str):
+            with torch.no_grad():
+                h = torch.as_tensor(select_bandwidth(xg, self.bandwidth), dtype=s.dtype, device=s.device)
+                h = h.expand(G).detach()
+        else:
+            h = torch.full((G,), float(self.bandwidth), dtype=s.dtype, device=s.device)
+        k = ksd(xg, s.reshape(G, m, -1), kernel=self.kernel, bandwidth=h, u_statistic=True)  # (G,)
+        w = batch.sigma.to(k.dtype).square()
+        loss = (w * k).mean()
+        return loss, {"ksd_weighted": float(loss.detach()), "ksd_mean": float(k.detach().double().mean()),
+                      "bandwidth": float(h.double().mean())}
+
+
+OBJECTIVES: dict[str, type] = {
+    "dsm": DenoisingScoreMatching,
+    "ssm": SlicedScoreMatching,
+    "ssm-vr": SlicedScoreMatchingVR,
+    "sm": ScoreMatching,
+    "stein": SteinObjective,
+    "ksd": KSDObjective,
+}
+
+
+def get_objective(name: str, **options) -> Objective:
+    """The objective ``name`` (see ``OBJECTIVES``) with its options, e.g. ``get_objective("ssm", n_projections=2)``.
+
+    ValueError naming ``method`` for an unknown name and naming the option for unknown or bad options
+    (for "stein", options other than ``estimator`` go to ``steinops.score_estimator``, which checks them).
+    """
+    if not isinstance(name, str) or name.lower() not in OBJECTIVES:
+        raise ValueError(f"method must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    cls = OBJECTIVES[name.lower()]
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [p for p in params if p != "self"]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for method {name!r}; its options are {known}")
+    return cls(**options)

@@ -1,0 +1,180 @@
+"""Run configuration: one dataclass (every field is a command-line option), named presets, and the
+resolution rule  defaults < preset < command line.  ``python -m train --help`` lists everything."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+from steinops.distributions import REGISTRY as DISTRIBUTIONS
+
+METHODS = ("dsm", "ssm", "ssm-vr", "sm", "stein", "ksd")
+SAMPLERS = ("annealed", "pc", "ode", "langevin", "training_free")
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Config:
+    # run
+    out: str = _opt("runs/run", "run folder: config.json, metrics.jsonl, metrics.json, checkpoint.pt, plots/")
+    seed: int = _opt(0, "seed of the data set, the network initialisation and every random draw of the run")
+    steps: int = _opt(3000, "number of optimiser steps")
+    resume: bool = _opt(False, "continue bit-exactly from OUT/checkpoint.pt (model, optimiser, EMA, RNG states, step)")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    progress: bool = _opt(True, "show tqdm progress bars (--no-progress to hide)")
+    # data
+    data: str = _opt("two_mode", "training distribution (exact scores known): " + ", ".join(DISTRIBUTIONS),
+                     choices=tuple(DISTRIBUTIONS))
+    n_train: int = _opt(10000, "size of the fixed training set drawn from the distribution")
+    # noise levels (NCSNv2 rules unless given)
+    sigma_min: float = _opt(0.01, "smallest noise level")
+    sigma_max: float = _opt(0.0, "largest noise level (0: the largest pairwise distance of the data, NCSNv2)")
+    n_levels: int = _opt(0, "number of geometric noise levels (0: NCSNv2 rule, 10 in low dimension)")
+    # network and optimiser
+    hidden: int = _opt(128, "width of the score MLP")
+    depth: int = _opt(3, "hidden layers of the score MLP")
+    activation: str = _opt("softplus", "MLP activation", choices=("softplus", "silu", "elu", "tanh"))
+    batch_size: int = _opt(512, "training batch (split into --levels-per-step groups, one noise level each)")
+    levels_per_step: int = _opt(4, "noise levels per step; each gets batch_size // levels_per_step samples "
+                                   "(Stein/KSD estimate each group from its noisy samples alone)")
+    lr: float = _opt(1e-3, "Adam learning rate")
+    warmup: int = _opt(100, "linear learning-rate warm-up steps")
+    grad_clip: float = _opt(1.0, "gradient-norm clipping (0: off)")
+    ema_decay: float = _opt(0.999, "EMA decay of the weights used for evaluation and sampling")
+    # score objective
+    method: str = _opt("dsm", "score objective: dsm (denoising), ssm / ssm-vr (sliced), sm (exact, small d), "
+                              "stein (regress on steinops estimates of each noisy group), ksd (kernelized Stein "
+                              "discrepancy)", choices=METHODS)
+    estimator: str = _opt("stein", "steinops estimator for --method stein and the training-free sampler",
+                          choices=("stein", "ssge", "kef", "landweber", "nu"))
+    kernel: str = _opt("rbf", "kernel of the estimator / KSD", choices=("rbf", "imq"))
+    bandwidth: str = _opt("median", "estimator/KSD bandwidth: median, auto (held-out tuning), or a number")
+    regularization: str = _opt("default", "the estimator's regulariser (eta, lam or eig_mass): a number, auto, "
+                                          "or default")
+    tune_every: int = _opt(25, "with --bandwidth auto: re-tune (warm-started) every N steps, reuse in between")
+    n_projections: int = _opt(1, "projections per sample for ssm / ssm-vr")
+    projection: str = _opt("rademacher", "projection law for ssm / ssm-vr", choices=("rademacher", "gaussian"))
+    # logging, evaluation, checkpoints
+    log_every: int = _opt(50, "steps between metrics.jsonl rows")
+    eval_every: int = _opt(500, "steps between Fisher-error evaluations (0: only at the end)")
+    ckpt_every: int = _opt(500, "steps between checkpoints")
+    n_eval: int = _opt(512, "points per noise level for the Fisher errors")
+    # sampling
+    samplers: tuple = _opt(("annealed", "pc", "ode", "langevin"), "samplers for the final evaluation: "
+                           + ", ".join(SAMPLERS), nargs="+", choices=SAMPLERS)
+    n_samples: int = _opt(2000, "samples per sampler in the final evaluation")
+    n_steps_each: int = _opt(100, "annealed Langevin steps per level (also the plain Langevin step count x levels)")
+    step_eps: float = _opt(0.0, "annealed Langevin eps (a_i = eps sigma_i^2/sigma_L^2; 0: NCSNv2 technique 4)")
+    langevin_step: float = _opt(0.1, "step size of plain (non-annealed) Langevin at sigma_min, started from the data's "
+                                     "bounding box (the NCSN toy comparison)")
+    pc_steps: int = _opt(500, "predictor steps of the PC sampler")
+    snr: float = _opt(0.16, "signal-to-noise ratio of the PC sampler's Langevin corrector")
+    tf_samples: int = _opt(2000, "training points per level used by the training-free sampler")
+
+    def validate(self) -> "Config":
+        def positive_int(name, minimum=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+        for n in ("steps", "n_train", "hidden", "depth", "batch_size", "levels_per_step", "log_every", "ckpt_every",
+                  "n_eval", "n_samples", "n_steps_each", "pc_steps", "n_projections", "tf_samples", "tune_every"):
+            positive_int(n)
+        for n in ("warmup", "eval_every", "threads", "n_levels"):
+            positive_int(n, 0)
+        for n in ("sigma_min", "lr", "snr", "langevin_step"):
+            v = getattr(self, n)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{n} must be a finite positive number, got {v!r}")
+        for n in ("sigma_max", "grad_clip", "step_eps"):
+            v = getattr(self, n)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{n} must be a finite number >= 0, got {v!r}")
+        if self.sigma_max and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={self.sigma_min} >= sigma_max={self.sigma_max}")
+        if self.n_levels == 1:
+            raise ValueError("n_levels must be 0 (automatic) or >= 2, got 1")
+        if not (0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name, allowed in (("data", tuple(DISTRIBUTIONS)), ("method", METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        bad = [s for s in self.samplers if s not in SAMPLERS]
+        if bad or not self.samplers:
+            raise ValueError(f"samplers must be a non-empty subset of {', '.join(SAMPLERS)}; got {list(self.samplers)}")
+        for name in ("bandwidth", "regularization"):
+            v = getattr(self, name)
+            if v not in ("median", "auto", "default", "svgd"):
+                try:
+                    f = float(v)
+                except ValueError:
+                    raise ValueError(f"{name} must be a number or a rule name, got {v!r}") from None
+                if not (math.isfinite(f) and f > 0):
+                    raise ValueError(f"{name} must be positive and finite, got {v!r}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# Presets: overrides of the defaults. The command line overrides a preset.
+PRESETS: dict[str, dict] = {
+    # the NCSN toy: 0.8 / 0.2 mixture at +-(5, 5) with unit std
+    "toy": dict(data="two_mode", steps=5000),
+    # `make demo`: the toy at a budget that fits 2 CPU cores in a few minutes per method
+    "demo": dict(data="two_mode", steps=3000, eval_every=1000, ckpt_every=1000, n_samples=2000,
+                 samplers=("annealed", "pc", "ode", "langevin", "training_free")),
+    "eight_gaussians": dict(data="eight_gaussians", steps=5000),
+    "rings": dict(data="rings", steps=5000),
+    "checkerboard": dict(data="checkerboard", steps=5000),
+    "spiral": dict(data="spiral", steps=5000),
+    "moons": dict(data="moons", steps=5000),
+    # a short smoke run (tests, CI)
+    "smoke": dict(data="two_mode", steps=20, n_train=512, batch_size=64, levels_per_step=2, log_every=5,
+                  eval_every=10, ckpt_every=10, n_eval=64, n_samples=64, n_steps_each=3, pc_steps=10,
+                  tf_samples=64, progress=False, hidden=32, depth=2),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a noise-conditional score model on 2-D/vector data with exact scores, with the score "
+                    "objective as the only thing that changes (--method), then sample, evaluate and plot. "
+                    "Values: defaults < --preset < the options given here.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named set of defaults: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        kw = dict(help=meta.pop("help"), default=argparse.SUPPRESS)
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str, "tuple": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kw.update(meta)
+        p.add_argument(flag, **kw)
+    return p
+
+
+def resolve(argv=None) -> Config:
+    """Parse the command line into a validated Config (defaults < preset < options)."""
+    args = vars(build_parser().parse_args(argv))
+    preset = args.pop("preset", None)
+    values = dict(PRESETS.get(preset, {}))
+    values.update(args)
+    if "samplers" in values:
+        values["samplers"] = tuple(values["samplers"])
+    return Config(**values).validate()
+
+
+def from_dict(d: dict) -> Config:
+    d = dict(d)
+    d["samplers"] = tuple(d.get("samplers", Config.samplers))
+    return Config(**d).validate()

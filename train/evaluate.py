@@ -1,0 +1,157 @@
+"""Evaluation of a run: exact-score Fisher errors per noise level during training, and at the end the
+samplers, the sample metrics against the true distribution, and the pictures."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import steinops
+from steinops.sgm import metrics, samplers
+
+from . import plots
+
+
+@torch.no_grad()
+def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group_size=None) -> dict:
+    """Relative Fisher error E|s - s*|^2 / E|s*|^2 per level at n fresh samples of q_sigma, for the network
+    ``model`` and (if given) the raw ``estimator`` fitted in-sample on ``group_size`` of those samples per level
+    (what the stein objective regresses on)."""
+    xs = torch.stack([dist.sample(n, float(s), generator=generator) for s in sigmas])  # (L, n, d) float64
+    exact = torch.stack([dist.score(x, float(s)) for x, s in zip(xs, sigmas)])
+    x32 = xs.to(sigmas.dtype)
+    net = torch.stack([model(x, s.expand(n)) for x, s in zip(x32, sigmas)]).double()
+    row = dict(step=step, kind="eval", fisher_net=[metrics.relative_fisher_error(a, b) for a, b in zip(net, exact)])
+    row["fisher_net_mean"] = sum(row["fisher_net"]) / len(sigmas)
+    if estimator is not None:
+        m = min(n, group_size)
+        g = estimator.fit(x32[:, :m]).scores_.double()
+        row["fisher_estimator"] = [metrics.relative_fisher_error(a, b) for a, b in zip(g, exact[:, :m])]
+        row["fisher_estimator_mean"] = sum(row["fisher_estimator"]) / len(sigmas)
+    return row
+
+
+def _box(data: torch.Tensor, margin: float = 0.1):
+    lo, hi = data.min(0).values, data.max(0).values
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]:
+    """Draw cfg.n_samples with each configured sampler from the EMA network (and, with ``exact``, the
+    classic toy check: plain and annealed Langevin with the exact score)."""
+    cfg, dist, sigmas = run.cfg, run.dist, run.sigmas
+    n, d = cfg.n_samples, dist.dim
+    sde = run.schedule.sde()
+    eps = cfg.step_eps or run.schedule.langevin_step_size(cfg.n_steps_each)
+    net = samplers.network_score_fn(run.ema.module)
+    g = lambda k: torch.Generator().manual_seed(cfg.seed * 1000 + k)
+    prior = sde.prior_sample(n, d, generator=g(0), dtype=run.dtype)
+    lo, hi = _box(run.data)
+    box = lo + (hi - lo) * torch.rand(n, d, generator=g(1), dtype=run.dtype)  # NCSN toy: plain Langevin from a box
+    n_langevin = cfg.n_steps_each * len(sigmas)
+    record = max(1, cfg.n_steps_each // 4)
+    score_fns = dict(net=net)
+    if exact:
+        score_fns["exact"] = samplers.exact_score_fn(dist)
+    out = {}
+    for src, fn in score_fns.items():
+        for name in cfg.samplers:
+            if name == "training_free" or (src == "exact" and name not in ("annealed", "langevin")):
+                continue
+            key = name if src == "net" else f"exact:{name}"
+            t0 = time.perf_counter()
+            if name == "annealed":
+                r = samplers.annealed_langevin(fn, prior, sigmas, eps=eps, n_steps_each=cfg.n_steps_each,
+                                               generator=g(2), record_every=record, progress=cfg.progress)
+            elif name == "langevin":
+                r = samplers.langevin(fn, box, sigma=float(sigmas[-1]), step_size=cfg.langevin_step,
+                                      n_steps=n_langevin, generator=g(3), record_every=record * len(sigmas) // 4 or 1,
+                                      progress=cfg.progress)
+            elif name == "pc":
+                r = samplers.pc_sampler(fn, prior, sde, n_steps=cfg.pc_steps, snr=cfg.snr, generator=g(4),
+                                        progress=cfg.progress)
+            elif name == "ode":
+                r = samplers.probability_flow_ode(fn, prior, sde)
+            r.seconds = time.perf_counter() - t0
+            out[key] = r
+    if "training_free" in cfg.samplers:
+        from .loop import estimator_options
+        est = steinops.score_estimator(cfg.estimator, **estimator_options(cfg))
+        t0 = time.perf_counter()
+        r = samplers.training_free_sampler(est, run.data, sigmas, prior, eps=eps, n_steps_each=cfg.n_steps_each,
+                                           max_samples=cfg.tf_samples, generator=g(5), progress=cfg.progress)
+        r.seconds = time.perf_counter() - t0
+        out["training_free"] = r
+    return out
+
+
+def final_evaluation(run) -> dict:
+    """Samples, metrics.json and plots/ of a finished run; returns the metrics dict."""
+    cfg, dist, out = run.cfg, run.dist, Path(run.cfg.out)
+    results = run_samplers(run)
+    ref = dist.sample(max(cfg.n_samples, 2000), generator=torch.Generator().manual_seed(cfg.seed + 77))
+    table = {}
+    ksd_sigma = run.schedule.sigma_min if getattr(dist, "singular", False) else None  # no score at sigma = 0
+    for name, r in results.items():
+        x = r.samples.double()
+        finite = torch.isfinite(x).all(-1)
+        if finite.sum() < 2:  # a diverged sampler still gets a row
+            table[name] = dict(non_finite_fraction=1.0, seconds=r.seconds, nfe=r.nfe)
+            continue
+        m = metrics.sample_metrics(x[finite], dist, reference=ref, ksd_sigma=ksd_sigma,
+                                   generator=torch.Generator().manual_seed(cfg.seed + 78))
+        table[name] = dict(m, non_finite_fraction=1.0 - finite.double().mean().item(), seconds=r.seconds, nfe=r.nfe)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train_rows = [r for r in rows if "loss" in r]
+    summary = dict(
+        method=cfg.method, data=cfg.data, steps=run.step,
+        schedule=dict(sigma_max=run.schedule.sigma_max, sigma_min=run.schedule.sigma_min, n_levels=len(run.schedule)),
+        sigmas=[float(s) for s in run.sigmas],
+        sec_per_step=(sum(r["sec_per_step"] for r in train_rows[1:]) / max(1, len(train_rows) - 1)) if train_rows else None,
+        n_params=sum(p.numel() for p in run.model.parameters()),
+        fisher=evals[-1] if evals else None,
+        samplers=table,
+    )
+    from .checkpoint import write_text_atomic
+    write_text_atomic(json.dumps(summary, indent=2), out / "metrics.json")
+    run.samples = results
+    make_plots(run, results, rows)
+    return summary
+
+
+def make_plots(run, results, rows):
+    """The run's pictures under OUT/plots/."""
+    cfg, dist, sigmas = run.cfg, run.dist, run.sigmas
+    pdir = Path(cfg.out) / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    lo, hi = _box(run.data, 0.15)
+    lim = (float(lo[:2].min()), float(hi[:2].max()))
+    net = samplers.network_score_fn(run.ema.module)
+    L = len(sigmas)
+    for i in sorted({L - 1, L // 2, max(0, L // 2 - 2)}):
+        s = float(sigmas[i])
+        plots.score_field(pdir / f"score_field_sigma{i:02d}.png", net, dist, s, lim=lim,
+                          title=f"{cfg.method}: learned (EMA) vs exact score, sigma = {s:.3g}")
+    plots.samples_over_density(pdir / "samples.png", {k: r.samples for k, r in results.items()}, dist, lim=lim,
+                               title=f"{cfg.method} on {cfg.data}: samples of each sampler")
+    for key in ("annealed", "langevin", "exact:langevin", "exact:annealed"):
+        r = results.get(key)
+        if r is not None and r.trajectory is not None:
+            plots.trajectories(pdir / f"trajectories_{key.replace(':', '_')}.png", r.trajectory, dist, lim=lim,
+                               title=f"{key} trajectories ({cfg.method})")
+    plots.curves(pdir / "loss.png", [r for r in rows if "loss" in r], keys=["loss"], logy=False,
+                 title=f"{cfg.method} training loss")
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if evals:
+        plots.curves(pdir / "fisher.png", evals, keys=["fisher_net_mean", "fisher_estimator_mean"],
+                     title="relative Fisher error vs exact score (mean over levels)")
+        per = {"network (EMA)": evals[-1]["fisher_net"]}
+        if "fisher_estimator" in evals[-1]:
+            per[f"raw {cfg.estimator} estimates"] = evals[-1]["fisher_estimator"]
+        plots.fisher_per_level(pdir / "fisher_per_level.png", per, [float(s) for s in sigmas],
+                               title=f"{cfg.method}: relative Fisher error per noise level")

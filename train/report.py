@@ -1,0 +1,36 @@
+"""Plain-text / Markdown tables of run summaries (metrics.json)."""
+from __future__ import annotations
+
+COLUMNS = ("energy", "mmd", "sliced_w2", "ksd", "mode_weight_error", "seconds")
+
+
+def _fmt(v):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def sampler_table(summary: dict) -> str:
+    """Markdown table: one row per sampler of one run."""
+    cols = [c for c in COLUMNS if any(c in m for m in summary["samplers"].values())]
+    lines = [f"{summary['method']} on {summary['data']}, {summary['steps']} steps; mean relative Fisher error of the "
+             f"network over levels: {_fmt((summary.get('fisher') or {}).get('fisher_net_mean'))}", "",
+             "| sampler | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in summary["samplers"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def method_table(summaries: dict[str, dict], sampler: str = "annealed") -> str:
+    """Markdown table: one row per method (run), the given sampler's metrics and the training cost."""
+    lines = ["| method | energy | MMD² | sliced W2 | KSD² | mode-weight error | Fisher error (net) | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, s in summaries.items():
+        m = s["samplers"].get(sampler, {})
+        f = (s.get("fisher") or {}).get("fisher_net_mean")
+        lines.append(f"| {method} | " + " | ".join(_fmt(m.get(k)) for k in ("energy", "mmd", "sliced_w2", "ksd",
+                                                                          "mode_weight_error"))
+                     + f" | {_fmt(f)} | {_fmt(s.get('sec_per_step'))} |")
+    return "\n".join(lines)
