@@ -115,12 +115,14 @@ TORCH_LIBRARY(steinops_C, m) {
   m.def("kmv_forward(Tensor x, Tensor y, Tensor v, Tensor h, int kernel) -> Tensor");
   m.def("kmv_xgrad(Tensor x, Tensor y, Tensor v, Tensor g, Tensor h, int kernel) -> Tensor");
   m.def("gram_forward(Tensor x, Tensor y, Tensor h, int kernel, bool stein) -> (Tensor, Tensor)");
+  m.def("cholesky(Tensor A, Tensor? B=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(steinops_C, CPU, m) {
   m.impl("kmv_forward", &steinops::kmv_forward_cpu);
   m.impl("kmv_xgrad", &steinops::kmv_xgrad_cpu);
   m.impl("gram_forward", &steinops::gram_forward_cpu);
+  m.impl("cholesky", &steinops::cpu::cholesky_solve_small);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 
 MEDIAN_FACTOR = 2.0
@@ -35,15 +36,19 @@ def median_distance(x: torch.Tensor, max_points: int = 1024) -> torch.Tensor:
         M = x.shape[-2]
     xs = x.to(torch.float64)
     xs = xs - xs.mean(-2, keepdim=True)
-    r2 = (xs.unsqueeze(-2) - xs.unsqueeze(-3)).square().sum(-1) if xs.shape[-1] <= 4 else (
-        (xs * xs).sum(-1, keepdim=True) + (xs * xs).sum(-1).unsqueeze(-2) - 2 * xs @ xs.transpose(-1, -2)
-    ).clamp_min(0)
-    iu = torch.triu_indices(M, M, 1, device=x.device)
-    pair = r2[..., iu[0], iu[1]].sqrt()
-    med = pair.median(-1).values
+    # direct differences for small d (exact); the Gram form for large d (centred float64, so accurate enough)
+    mode = "donot_use_mm_for_euclid_dist" if xs.shape[-1] <= 4 else "use_mm_for_euclid_dist"
+    dist = torch.cdist(xs, xs, compute_mode=mode).flatten(-2)  # (..., M*M): the M zeros of the diagonal + each pair twice
+    # the lower median of the M(M-1)/2 pairs is the (M + n_pairs)-th smallest entry of the full matrix
+    k = M + M * (M - 1) // 2 - 1
+    if dist.device.type == "cpu":  # numpy's introselect is ~10x faster than torch's CPU kthvalue/median
+        flat = dist.reshape(-1, M * M).numpy()
+        med = torch.from_numpy(np.partition(flat, k, axis=-1)[:, k].copy()).reshape(dist.shape[:-1])
+    else:
+        med = dist.kthvalue(k + 1, -1).values
     bad = med <= 0
     if bool(bad.any()):
-        mean = pair.mean(-1)
+        mean = dist.sum(-1) / (M * (M - 1))
         if bool((mean[bad] <= 0).any()):
             raise ValueError("x: all samples of a set coincide, so no bandwidth can be estimated; pass a number")
         warnings.warn("x: more than half of the sample pairs coincide; using the mean pairwise distance as bandwidth",

@@ -75,6 +75,10 @@ at::Tensor kmv_xgrad(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
                      const at::Tensor& h, int64_t kernel);
 std::tuple<at::Tensor, at::Tensor> gram_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
                                                 int64_t kernel, bool stein);
+// Lower Cholesky factors of a batch of small SPD matrices A (B,n,n), the solutions X of A X = B (B,n,E) when
+// B is given (else an empty tensor), and LAPACK-style info (B,) (cholesky.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Tensor& A,
+                                                                    const c10::optional<at::Tensor>& B);
 
 }  // namespace cpu
 }  // namespace steinops

@@ -73,7 +73,7 @@ import torch
 from ..ops.gram import gram
 from ..ops.kernel_matvec import kernel_matvec
 from ..ops.stein_term import stein_term
-from ..solvers import cholesky_jitter
+from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import ETA_GRID
@@ -260,7 +260,7 @@ class KEFScoreEstimator(_KScoreBase):
         elif self.solver_ == "dense":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
-            G = -torch.cholesky_solve(S, cholesky_jitter(A))
+            G = -cholesky_solve_jitter(A, S)[1]
         else:  # conjugate gradient on the fused kernel product, O(M d) memory
             S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
             G = -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend)

@@ -25,7 +25,7 @@ from .. import _checks
 from ..kernels import stein_profile
 from ..ops.gram import gram
 from ..ops.stein_term import stein_term
-from ..solvers import cholesky_jitter
+from ..solvers import cholesky_solve_jitter
 from ._kernel_system import kernel_solve
 from .base import ScoreEstimator, dense_fits, register
 
@@ -91,8 +91,8 @@ class SteinScoreEstimator(ScoreEstimator):
         if solver == "cholesky":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
-            self._L = cholesky_jitter(A)
-            return -torch.cholesky_solve(S, self._L)
+            self._L, X = cholesky_solve_jitter(A, S)
+            return -X
         S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
         return -kernel_solve(xc, S, h, eta, kernel=self.kernel, backend=self.backend,
                              rtol=self.cg_rtol, max_iter=self.cg_max_iter)
