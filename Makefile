@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo   (the main job)  and  make test  (the whole suite).
+# Two commands on a fresh machine:  make demo   (the main job: DSM vs SSM vs Stein on the NCSN toy -> runs/demo/)  and  make test  (the whole suite).
 # Both install what is missing first: torch 2.13.0 (CPU build, unless a torch is already there),
 # the Python dependencies, and this package with its compiled extension (pip -e, no build isolation).
 PYTHON ?= python3
@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	@mkdir -p build && touch $(STAMP)
 
 demo: install
-	$(PYTHON) -m steinops.demo
+	$(PYTHON) -m train.demo
 
 # Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 so the Triton kernels run on CPU tensors.
 test: install

@@ -1,4 +1,4 @@
-"""Short estimator demo (``make demo`` until the ``train`` driver exists).
+"""Short estimator demo (the estimators alone; ``make demo`` runs the train driver, ``python -m train.demo``).
 
 Samples the NCSN toy mixture (0.8 / 0.2 at +-(5, 5), unit std) convolved with Gaussian noise at
 several levels, estimates the scores of every level in ONE batched ``steinops.stein_score`` call, and

@@ -25,7 +25,7 @@ from .checkpoint import write_text_atomic
 from .config import METHODS, PRESETS, resolve
 from .evaluate import final_evaluation
 from .loop import NonFiniteLoss, Run
-from .report import _fmt, method_table
+from .report import _fmt, method_table, panel_table
 
 
 def mode_weight_table(runs: dict) -> str:
@@ -59,7 +59,11 @@ def main(argv=None) -> int:
     runs, summaries = {}, {}
     t0 = time.perf_counter()
     for method in a.methods:
-        cfg = resolve(["--preset", a.preset, "--method", method, "--seed", str(a.seed), "--out", str(out / method)]
+        # the training-free sampler needs no network: run it once (with the stein run), it is the slow one
+        samplers = [s for s in PRESETS[a.preset].get("samplers", ("annealed", "pc", "ode", "langevin"))
+                    if s != "training_free" or method == "stein"]
+        cfg = resolve(["--preset", a.preset, "--method", method, "--seed", str(a.seed), "--out", str(out / method),
+                       "--samplers", *samplers]
                       + ([] if a.steps is None else ["--steps", str(a.steps)])
                       + ([] if a.progress else ["--no-progress"]))
         print(f"== {method}: training {cfg.steps} steps on {cfg.data} -> {cfg.out}", flush=True)
@@ -74,16 +78,23 @@ def main(argv=None) -> int:
     any_run = next(iter(runs.values()))
     panels = {"exact score": any_run.samples["exact:annealed"].samples}
     panels.update({m: r.samples["annealed"].samples for m, r in runs.items()})
+    tf = next((r.samples["training_free"] for r in runs.values() if "training_free" in r.samples), None)
+    if tf is not None:
+        panels["training-free Stein (no network)"] = tf.samples
     table = {"exact score": {k: v for k, v in summaries[a.methods[0]]["samplers"]["exact:annealed"].items()
                              if k in ("energy", "mmd", "sliced_w2", "mode_weight_error")}}
+    keys = ("energy", "mmd", "sliced_w2", "mode_weight_error")
     for m, s in summaries.items():
-        table[m] = {k: v for k, v in s["samplers"]["annealed"].items() if k in ("energy", "mmd", "sliced_w2", "mode_weight_error")}
+        table[m] = {k: v for k, v in s["samplers"]["annealed"].items() if k in keys}
+        if "training_free" in s["samplers"]:
+            table["training-free Stein (no network)"] = {k: v for k, v in s["samplers"]["training_free"].items() if k in keys}
     plots.comparison(out / "comparison.png", panels, any_run.dist, table, lim=(-10.0, 10.0))
     modes = mode_weight_table({m: r for m, r in runs.items()}) if hasattr(any_run.dist, "weights") else ""
     text = ("# steinops demo: score objectives on the NCSN toy\n\nAnnealed-Langevin samples "
             f"({summaries[a.methods[0]]['samplers']['annealed'].get('nfe', '?')} score evaluations), "
             f"{cfg.steps} steps each, total wall time {time.perf_counter() - t0:.0f} s.\n\n"
-            + method_table(summaries) + "\n\n" + modes + "\n")
+            + method_table(summaries) + "\n\nThe panels of comparison.png (the exact score and the training-free "
+            "sampler use annealed Langevin too):\n\n" + panel_table(table) + "\n\n" + modes + "\n")
     write_text_atomic(text, out / "comparison.md")
     write_text_atomic(json.dumps(dict(summaries=summaries, table=table), indent=2), out / "comparison.json")
     print("\n" + text + f"\npictures: {out}/comparison.png and {out}/<method>/plots/")

@@ -34,3 +34,12 @@ def method_table(summaries: dict[str, dict], sampler: str = "annealed") -> str:
                                                                           "mode_weight_error"))
                      + f" | {_fmt(f)} | {_fmt(s.get('sec_per_step'))} |")
     return "\n".join(lines)
+
+
+def panel_table(table: dict[str, dict]) -> str:
+    """Markdown table of the comparison panels (name -> metrics)."""
+    lines = ["| samples | energy | MMD² | sliced W2 | mode-weight error |", "|---|---|---|---|---|"]
+    for name, m in table.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in ("energy", "mmd", "sliced_w2", "mode_weight_error"))
+                     + " |")
+    return "\n".join(lines)
