@@ -4,20 +4,17 @@ from __future__ import annotations
 import sys
 
 from .config import resolve
-from .evaluate import final_evaluation
-from .loop import NonFiniteLoss, Run
+from .loop import NonFiniteLoss, train_and_evaluate
 from .report import sampler_table
 
 
 def main(argv=None) -> int:
     cfg = resolve(argv)
-    run = Run(cfg)
     try:
-        run.train()
+        _, summary = train_and_evaluate(cfg)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    summary = final_evaluation(run)
     print(sampler_table(summary))
     print(f"\nrun folder: {cfg.out}")
     return 0

@@ -23,8 +23,7 @@ from steinops.sgm import metrics
 from . import plots
 from .checkpoint import write_text_atomic
 from .config import METHODS, PRESETS, resolve
-from .evaluate import final_evaluation
-from .loop import NonFiniteLoss, Run
+from .loop import NonFiniteLoss, train_and_evaluate
 from .report import _fmt, method_table, panel_table
 
 
@@ -67,14 +66,11 @@ def main(argv=None) -> int:
                       + ([] if a.steps is None else ["--steps", str(a.steps)])
                       + ([] if a.progress else ["--no-progress"]))
         print(f"== {method}: training {cfg.steps} steps on {cfg.data} -> {cfg.out}", flush=True)
-        run = Run(cfg)
         try:
-            run.train()
+            runs[method], summaries[method] = train_and_evaluate(cfg)
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        summaries[method] = final_evaluation(run)
-        runs[method] = run
     any_run = next(iter(runs.values()))
     panels = {"exact score": any_run.samples["exact:annealed"].samples}
     panels.update({m: r.samples["annealed"].samples for m, r in runs.items()})

@@ -18,7 +18,7 @@ from steinops.sgm.objectives import get_objective, perturb
 
 from . import checkpoint
 from .config import Config
-from .evaluate import fisher_row
+from .evaluate import final_evaluation, fisher_row
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -180,6 +180,14 @@ class Run:
         return fisher_row(self.ema.module, self.dist, self.sigmas, self.cfg.n_eval, step=self.step,
                           generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step + 2),
                           estimator=est, group_size=self.group_size)
+
+
+def train_and_evaluate(cfg: Config):
+    """Train (or resume) the run of ``cfg``, then sample, evaluate and plot. Returns ``(run, summary)``;
+    a non-finite loss propagates as :class:`NonFiniteLoss` (the last good checkpoint is kept)."""
+    run = Run(cfg)
+    run.train()
+    return run, final_evaluation(run)
 
 
 def _truncate_log(path: Path, step: int):
