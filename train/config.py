@@ -8,6 +8,8 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
+import steinops
+
 from steinops.distributions import REGISTRY as DISTRIBUTIONS
 
 METHODS = ("dsm", "ssm", "ssm-vr", "sm", "stein", "ksd")
@@ -183,3 +185,32 @@ def from_dict(d: dict) -> Config:
     d = dict(d)
     d["samplers"] = tuple(d.get("samplers", Config.samplers))
     return Config(**d).validate()
+
+
+def estimator_options(cfg: Config) -> dict:
+    """Keyword arguments of ``steinops.score_estimator(cfg.estimator, ...)`` from the run options."""
+    opts = dict(kernel=cfg.kernel)
+    if cfg.bandwidth == "auto":
+        opts["bandwidth"] = steinops.AutoTune(warm_start=True, tune_every=cfg.tune_every, seed=cfg.seed)
+    elif cfg.bandwidth in ("median", "svgd"):
+        opts["bandwidth"] = cfg.bandwidth
+    else:
+        opts["bandwidth"] = float(cfg.bandwidth)
+    knob = steinops.ESTIMATORS[cfg.estimator].knob
+    if cfg.regularization != "default" and knob is not None:
+        opts[knob] = "auto" if cfg.regularization == "auto" else float(cfg.regularization)
+    return opts
+
+
+def objective_options(cfg: Config) -> dict:
+    """Keyword arguments of ``steinops.sgm.objectives.get_objective(cfg.method, ...)``."""
+    if cfg.method in ("ssm", "ssm-vr"):
+        return dict(n_projections=cfg.n_projections, projection=cfg.projection)
+    if cfg.method == "stein":
+        return dict(estimator=cfg.estimator, **estimator_options(cfg))
+    if cfg.method == "ksd":
+        if cfg.bandwidth == "auto":
+            raise ValueError("bandwidth 'auto' is not available for --method ksd (use median, svgd or a number)")
+        bw = cfg.bandwidth if cfg.bandwidth in ("median", "svgd") else float(cfg.bandwidth)
+        return dict(kernel=cfg.kernel, bandwidth=bw)
+    return {}

@@ -32,8 +32,8 @@ def mode_weight_table(runs: dict) -> str:
     any_run = next(iter(runs.values()))
     dist = any_run.dist
     heavy = int(dist.weights.argmax())
-    lines = [f"| score | plain Langevin | annealed Langevin |", "|---|---|---|",
-             ]
+    lines = ["| score | plain Langevin | annealed Langevin |", "|---|---|---|"]
+
     def w(r):
         return float(metrics.mode_weights(r.samples.double(), dist)[heavy]) if r is not None else None
     rows = [("exact", any_run.samples.get("exact:langevin"), any_run.samples.get("exact:annealed"))]

@@ -3,7 +3,6 @@ samplers, the sample metrics against the true distribution, and the pictures."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import steinops
 from steinops.sgm import metrics, samplers
 
 from . import plots
+from .config import estimator_options
 
 
 @torch.no_grad()
@@ -79,7 +79,6 @@ def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]
             r.seconds = time.perf_counter() - t0
             out[key] = r
     if "training_free" in cfg.samplers:
-        from .loop import estimator_options
         est = steinops.score_estimator(cfg.estimator, **estimator_options(cfg))
         t0 = time.perf_counter()
         r = samplers.training_free_sampler(est, run.data, sigmas, prior, eps=eps, n_steps_each=cfg.n_steps_each,

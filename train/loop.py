@@ -17,7 +17,7 @@ from steinops.sgm import NoiseSchedule, ScoreMLP, ema_model
 from steinops.sgm.objectives import get_objective, perturb
 
 from . import checkpoint
-from .config import Config
+from .config import Config, estimator_options, objective_options
 from .evaluate import final_evaluation, fisher_row
 
 CHECKPOINT = "checkpoint.pt"
@@ -25,34 +25,6 @@ CHECKPOINT = "checkpoint.pt"
 
 class NonFiniteLoss(RuntimeError):
     """Raised when the loss or the gradients stop being finite; the last good checkpoint is kept."""
-
-
-def estimator_options(cfg: Config) -> dict:
-    """Keyword arguments of ``steinops.score_estimator(cfg.estimator, ...)`` from the run options."""
-    opts = dict(kernel=cfg.kernel)
-    if cfg.bandwidth == "auto":
-        opts["bandwidth"] = steinops.AutoTune(warm_start=True, tune_every=cfg.tune_every, seed=cfg.seed)
-    elif cfg.bandwidth in ("median", "svgd"):
-        opts["bandwidth"] = cfg.bandwidth
-    else:
-        opts["bandwidth"] = float(cfg.bandwidth)
-    knob = steinops.ESTIMATORS[cfg.estimator].knob
-    if cfg.regularization != "default" and knob is not None:
-        opts[knob] = "auto" if cfg.regularization == "auto" else float(cfg.regularization)
-    return opts
-
-
-def objective_options(cfg: Config) -> dict:
-    if cfg.method in ("ssm", "ssm-vr"):
-        return dict(n_projections=cfg.n_projections, projection=cfg.projection)
-    if cfg.method == "stein":
-        return dict(estimator=cfg.estimator, **estimator_options(cfg))
-    if cfg.method == "ksd":
-        bw = cfg.bandwidth if cfg.bandwidth in ("median",) else float(cfg.bandwidth) if cfg.bandwidth != "auto" else None
-        if bw is None:
-            raise ValueError("bandwidth 'auto' is not available for --method ksd (use median or a number)")
-        return dict(kernel=cfg.kernel, bandwidth=bw)
-    return {}
 
 
 class Run:

@@ -3,3 +3,5 @@
 ssm-vr, sm, stein, ksd), samplers (``samplers``) and sample metrics (``metrics``)."""
 from .networks import ScoreMLP, ema_model
 from .noise import VESDE, NoiseSchedule
+
+__all__ = ["NoiseSchedule", "ScoreMLP", "VESDE", "ema_model"]
