@@ -115,10 +115,21 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--bandwidth", "wide"], "bandwidth"),
     (["--regularization", "-3"], "regularization"),
     (["--n-levels", "1"], "n_levels"),
+    (["--sigma-bandwidth", "-1"], "sigma_bandwidth"),
 ])
 def test_invalid_options(argv, match):
     with pytest.raises(ValueError, match=match):
         resolve(SMOKE + argv)
+
+
+def test_sigma_bandwidth_reaches_the_objective_and_refuses_auto(tmp_path):
+    run = Run(resolve(SMOKE + ["--method", "stein", "--sigma-bandwidth", "3", "--out", str(tmp_path)]))
+    assert run.objective.sigma_bandwidth == 3.0 and run.objective.low_bias_knob
+    run.train_step()
+    assert bool((run.objective.estimator.bandwidth_ <= 3.0 * run.sigmas.max()).all())
+    with pytest.raises(ValueError, match="sigma_bandwidth"):
+        Run(resolve(SMOKE + ["--method", "stein", "--sigma-bandwidth", "3", "--bandwidth", "auto",
+                             "--out", str(tmp_path)]))
 
 
 def test_batch_smaller_than_the_estimator_needs():

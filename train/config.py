@@ -57,7 +57,12 @@ class Config:
     kernel: str = _opt("rbf", "kernel of the estimator / KSD", choices=("rbf", "imq"))
     bandwidth: str = _opt("median", "estimator/KSD bandwidth: median, auto (held-out tuning), or a number")
     regularization: str = _opt("default", "the estimator's regulariser (eta, lam or eig_mass): a number, auto, "
-                                          "or default")
+                                          "or default (--method stein: the least-regularised grid value, eta 0.01, "
+                                          "since the network averages the targets' noise away; the training-free "
+                                          "sampler: the estimator's own default)")
+    sigma_bandwidth: float = _opt(0.0, "--method stein: cap the estimator's bandwidth at this multiple of each group's "
+                                       "noise level sigma (0: off); resolves data structure finer than the median "
+                                       "distance at small sigma")
     tune_every: int = _opt(25, "with --bandwidth auto: re-tune (warm-started) every N steps, reuse in between")
     n_projections: int = _opt(1, "projections per sample for ssm / ssm-vr")
     projection: str = _opt("rademacher", "projection law for ssm / ssm-vr", choices=("rademacher", "gaussian"))
@@ -93,7 +98,7 @@ class Config:
             v = getattr(self, n)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{n} must be a finite positive number, got {v!r}")
-        for n in ("sigma_max", "grad_clip", "step_eps"):
+        for n in ("sigma_max", "grad_clip", "step_eps", "sigma_bandwidth"):
             v = getattr(self, n)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{n} must be a finite number >= 0, got {v!r}")
@@ -207,7 +212,9 @@ def objective_options(cfg: Config) -> dict:
     if cfg.method in ("ssm", "ssm-vr"):
         return dict(n_projections=cfg.n_projections, projection=cfg.projection)
     if cfg.method == "stein":
-        return dict(estimator=cfg.estimator, **estimator_options(cfg))
+        if cfg.sigma_bandwidth and cfg.bandwidth == "auto":
+            raise ValueError("sigma_bandwidth caps a rule or numeric bandwidth; use it without --bandwidth auto")
+        return dict(estimator=cfg.estimator, sigma_bandwidth=cfg.sigma_bandwidth or None, **estimator_options(cfg))
     if cfg.method == "ksd":
         if cfg.bandwidth == "auto":
             raise ValueError("bandwidth 'auto' is not available for --method ksd (use median, svgd or a number)")

@@ -152,6 +152,14 @@ class ScoreEstimator:
         """The knob's value when it is "auto" and not tuned."""
         raise NotImplementedError
 
+    def knob_least_regularised(self, M: int) -> float:
+        """The least-regularised candidate of ``knob_grid(M)`` (smallest ridge / lam; SSGE: largest eig_mass).
+
+        For estimates that are averaged afterwards (regression targets of ``--method stein``) the bias of
+        one fit matters and its variance does not; this value has the least shrinkage bias of the grid
+        (``benchmarks/target_bias.py``)."""
+        return min(self.knob_grid(M))
+
     def knob_tensor(self, batch_shape, like: torch.Tensor) -> torch.Tensor:
         """The knob to use in ``_fit``: tuned (...), given (number / tensor), or the default."""
         value = getattr(self, self.knob)

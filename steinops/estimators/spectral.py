@@ -121,6 +121,9 @@ class SpectralScoreEstimator(ScoreEstimator):
     def knob_default(self):
         return DEFAULT_EIG_MASS
 
+    def knob_least_regularised(self, M):
+        return max(self.knob_grid(M))  # more eigenpairs = less regularisation
+
     def _check_knob(self, value, batch_shape, like):
         if isinstance(value, torch.Tensor):
             t = super()._check_knob(value, batch_shape, like)
