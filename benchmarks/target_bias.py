@@ -77,7 +77,7 @@ def main(argv=None):
     rows, t0 = [], time.perf_counter()
     for data in a.data:
         dist = get_distribution(data)
-        preset = PRESETS.get(data, PRESETS["toy"] if data == "two_mode" else {})
+        preset = PRESETS.get("toy" if data == "two_mode" else data, {})  # the driver's preset of this data set
         train = dist.sample(10000, generator=torch.Generator().manual_seed(a.seed)).float()
         sched = NoiseSchedule.ncsnv2(train, sigma_min=preset.get("sigma_min", 0.1))
         sigmas = [float(s) for s in sched.sigmas]
