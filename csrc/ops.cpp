@@ -92,6 +92,26 @@ std::tuple<at::Tensor, at::Tensor> gram_forward_cpu(const at::Tensor& x, const a
   return cpu::gram_forward(x, y, hc, kernel, stein);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_small_cpu(const at::Tensor& x, const at::Tensor& h,
+                                                             const at::Tensor& eta, int64_t kernel) {
+  const char* op = "steinops_C::sge_small";
+  check_tensor3(op, "x", x, "(B, n, d)");
+  TORCH_CHECK(x.size(1) >= 1, op, ": x needs at least one point per set, got ", x.sizes());
+  TORCH_CHECK(kernel == 0 || kernel == 1, op, ": kernel id must be 0 (rbf) or 1 (imq), got ", kernel);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"h", h}, {"eta", eta}}) {
+    TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape (B,) = (",
+                x.size(0), ",), got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+    check_same_dtype(op, name, t, x);
+  }
+  return cpu::sge_small(x, h.contiguous(), eta.contiguous(), kernel);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_median_cpu(const at::Tensor& x) {
+  check_tensor3("steinops_C::pairwise_median", "x", x, "(B, n, d)");
+  return cpu::pairwise_median(x);
+}
+
 bool built_with_cuda() {
 #ifdef STEINOPS_WITH_CUDA
   return true;
@@ -116,6 +136,8 @@ TORCH_LIBRARY(steinops_C, m) {
   m.def("kmv_xgrad(Tensor x, Tensor y, Tensor v, Tensor g, Tensor h, int kernel) -> Tensor");
   m.def("gram_forward(Tensor x, Tensor y, Tensor h, int kernel, bool stein) -> (Tensor, Tensor)");
   m.def("cholesky(Tensor A, Tensor? B=None) -> (Tensor, Tensor, Tensor)");
+  m.def("pairwise_median(Tensor x) -> (Tensor, Tensor)");
+  m.def("sge_small(Tensor x, Tensor h, Tensor eta, int kernel) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(steinops_C, CPU, m) {
@@ -123,6 +145,8 @@ TORCH_LIBRARY_IMPL(steinops_C, CPU, m) {
   m.impl("kmv_xgrad", &steinops::kmv_xgrad_cpu);
   m.impl("gram_forward", &steinops::gram_forward_cpu);
   m.impl("cholesky", &steinops::cpu::cholesky_solve_small);
+  m.impl("pairwise_median", &steinops::pairwise_median_cpu);
+  m.impl("sge_small", &steinops::sge_small_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

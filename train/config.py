@@ -116,7 +116,7 @@ class Config:
             raise ValueError(f"samplers must be a non-empty subset of {', '.join(SAMPLERS)}; got {list(self.samplers)}")
         for name in ("bandwidth", "regularization"):
             v = getattr(self, name)
-            if v not in ("median", "auto", "default", "svgd"):
+            if v not in ("median", "auto", "default", "svgd", "knn"):
                 try:
                     f = float(v)
                 except ValueError:
@@ -197,7 +197,7 @@ def estimator_options(cfg: Config) -> dict:
     opts = dict(kernel=cfg.kernel)
     if cfg.bandwidth == "auto":
         opts["bandwidth"] = steinops.AutoTune(warm_start=True, tune_every=cfg.tune_every, seed=cfg.seed)
-    elif cfg.bandwidth in ("median", "svgd"):
+    elif cfg.bandwidth in ("median", "svgd", "knn"):
         opts["bandwidth"] = cfg.bandwidth
     else:
         opts["bandwidth"] = float(cfg.bandwidth)

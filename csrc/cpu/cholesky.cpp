@@ -21,72 +21,10 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cholesky_impl.h"
+
 namespace steinops {
 namespace cpu {
-
-namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STEINOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define STEINOPS_CLONES
-#endif
-
-template <class T>
-STEINOPS_CLONES int64_t factor_one(const T* __restrict__ A, T* __restrict__ L, T* __restrict__ U, int64_t n) {
-  // right-looking on the upper factor U = L^T (row-major): every update is an axpy over a contiguous row
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i; j < n; ++j) U[i * n + j] = A[j * n + i];  // the lower triangle of A, transposed
-  for (int64_t k = 0; k < n; ++k) {
-    T* Uk = U + k * n;
-    const T s = Uk[k];
-    if (!(s > T(0)) || !std::isfinite(s)) return k + 1;
-    const T d = std::sqrt(s), inv = T(1) / d;
-    Uk[k] = d;
-#pragma omp simd
-    for (int64_t j = k + 1; j < n; ++j) Uk[j] *= inv;
-    for (int64_t i = k + 1; i < n; ++i) {  // trailing update A_i,i: -= U_k,i U_k,i:
-      T* Ui = U + i * n;
-      const T c = Uk[i];
-#pragma omp simd
-      for (int64_t j = i; j < n; ++j) Ui[j] -= c * Uk[j];
-    }
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j <= i; ++j) L[i * n + j] = U[j * n + i];
-  return 0;
-}
-
-// X <- L^-T L^-1 X for one matrix (X (n, E) row-major): forward then back substitution, row axpys.
-template <class T>
-STEINOPS_CLONES void solve_one(const T* __restrict__ L, T* __restrict__ X, int64_t n, int64_t E) {
-  for (int64_t i = 0; i < n; ++i) {  // L y = x
-    T* Xi = X + i * E;
-    for (int64_t k = 0; k < i; ++k) {
-      const T c = L[i * n + k];
-      const T* Xk = X + k * E;
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) Xi[e] -= c * Xk[e];
-    }
-    const T inv = T(1) / L[i * n + i];
-#pragma omp simd
-    for (int64_t e = 0; e < E; ++e) Xi[e] *= inv;
-  }
-  for (int64_t i = n - 1; i >= 0; --i) {  // L^T z = y
-    T* Xi = X + i * E;
-    const T inv = T(1) / L[i * n + i];
-#pragma omp simd
-    for (int64_t e = 0; e < E; ++e) Xi[e] *= inv;
-    for (int64_t k = 0; k < i; ++k) {  // column i of L^T above the diagonal = row i of L
-      const T c = L[i * n + k];
-      T* Xk = X + k * E;
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) Xk[e] -= c * Xi[e];
-    }
-  }
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Tensor& A_in,
                                                                     const c10::optional<at::Tensor>& B_in) {
@@ -113,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Te
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       scalar_t* U = w + at::get_thread_num() * n * n;
       for (int64_t b = b0; b < b1; ++b) {
-        ip[b] = factor_one<scalar_t>(a + b * n * n, l + b * n * n, U, n);
-        if (E > 0 && ip[b] == 0) solve_one<scalar_t>(l + b * n * n, X.data_ptr<scalar_t>() + b * n * E, n, E);
+        ip[b] = small_spd::factor_one<scalar_t>(a + b * n * n, l + b * n * n, U, n);
+        if (E > 0 && ip[b] == 0) small_spd::solve_one<scalar_t>(l + b * n * n, X.data_ptr<scalar_t>() + b * n * E, n, E);
       }
     });
   });

@@ -80,5 +80,14 @@ std::tuple<at::Tensor, at::Tensor> gram_forward(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Tensor& A,
                                                                     const c10::optional<at::Tensor>& B);
 
+// The dense SGE fit of B small sample sets x (B,n,d) (centred) with bandwidths h (B,) and ridges eta (B,):
+// L (B,n,n) the lower Cholesky factors of K + eta I, G = -(K + eta I)^-1 S (B,n,d), info (B,) (sge_small.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_small(const at::Tensor& x, const at::Tensor& h,
+                                                         const at::Tensor& eta, int64_t kernel);
+
+// The lower median and the mean of the n (n - 1) / 2 pairwise distances of each set x (B,n,d), float64 (B,)
+// each (pairwise_median.cpp).
+std::tuple<at::Tensor, at::Tensor> pairwise_median(const at::Tensor& x);
+
 }  // namespace cpu
 }  // namespace steinops

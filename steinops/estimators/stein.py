@@ -25,7 +25,8 @@ from .. import _checks
 from ..kernels import stein_profile
 from ..ops.gram import gram
 from ..ops.stein_term import stein_term
-from ..solvers import cholesky_solve_jitter
+from ..ops.backends import resolve as resolve_backend
+from ..solvers import SMALL_CHOLESKY_MAX, cholesky_solve_jitter
 from ._kernel_system import kernel_solve
 from .base import ScoreEstimator, dense_fits, register
 
@@ -40,6 +41,17 @@ def _eta_tensor(eta, batch_shape, like):
             raise ValueError(f"eta must be a positive number, a tensor, or 'auto'; got {eta!r}")
         eta = DEFAULT_ETA
     return _checks.per_batch_positive("eta", eta, batch_shape, like)
+
+
+def _fused_small_fit(x, h, eta, kernel: str, backend) -> bool:
+    """Whether the whole dense fit can run as one compiled op (``steinops_C::sge_small``: Gram, Stein term,
+    Cholesky and solve per sample set in one thread): small CPU float sets, nothing needing a gradient, the
+    compiled CPU backend (what "auto" resolves to on CPU)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, eta))
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad
+            and x.shape[-2] <= SMALL_CHOLESKY_MAX and kernel in ("rbf", "imq") and h.dtype == x.dtype
+            and eta.dtype == x.dtype and not torch.compiler.is_compiling()
+            and resolve_backend(backend, x.device) == "cpu")
 
 
 @register("stein")
@@ -88,6 +100,13 @@ class SteinScoreEstimator(ScoreEstimator):
         if solver == "auto":
             solver = "cholesky" if dense_fits(xc) else "cg"
         self.solver_, self.eta_ = solver, eta
+        if solver == "cholesky" and _fused_small_fit(xc, h, eta, self.kernel.name, self.backend):
+            kid = 0 if self.kernel.name == "rbf" else 1
+            L, G, info = torch.ops.steinops_C.sge_small(xc.reshape(-1, M, xc.shape[-1]).contiguous(),
+                                                       h.reshape(-1).contiguous(), eta.reshape(-1).contiguous(), kid)
+            if not bool((info != 0).any()):  # else: the general path below, with jitter escalation
+                self._L = L.reshape(*batch, M, M)
+                return G.reshape(xc.shape)
         if solver == "cholesky":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
