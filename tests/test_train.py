@@ -114,6 +114,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--ema-decay", "1"], "ema_decay"),
     (["--bandwidth", "wide"], "bandwidth"),
     (["--regularization", "-3"], "regularization"),
+    (["--regularization", "median"], "regularization must be a positive number or one of auto, default"),
     (["--n-levels", "1"], "n_levels"),
     (["--sigma-bandwidth", "-1"], "sigma_bandwidth"),
 ])
@@ -160,3 +161,11 @@ def test_demo_writes_the_comparison(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| dsm |" in md and "| stein |" in md and "plain Langevin" in md
+
+
+def test_every_bandwidth_rule_reaches_the_estimator_and_ksd():
+    from steinops.bandwidth import RULES
+    from train.config import objective_options
+    for rule in RULES:
+        assert objective_options(resolve(SMOKE + ["--method", "stein", "--bandwidth", rule]))["bandwidth"] == rule
+        assert objective_options(resolve(SMOKE + ["--method", "ksd", "--bandwidth", rule]))["bandwidth"] == rule

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import steinops
 
+from steinops.bandwidth import RULES as BANDWIDTH_RULES
 from steinops.distributions import REGISTRY as DISTRIBUTIONS
 
 METHODS = ("dsm", "ssm", "ssm-vr", "sm", "stein", "ksd")
@@ -55,7 +56,9 @@ class Config:
     estimator: str = _opt("stein", "steinops estimator for --method stein and the training-free sampler",
                           choices=("stein", "ssge", "kef", "landweber", "nu"))
     kernel: str = _opt("rbf", "kernel of the estimator / KSD", choices=("rbf", "imq"))
-    bandwidth: str = _opt("median", "estimator/KSD bandwidth: median, auto (held-out tuning), or a number")
+    bandwidth: str = _opt("median", "estimator/KSD bandwidth: median (2 x median distance), knn (3 x the median "
+                               "distance to the ceil(sqrt(m))-th neighbour: local spacing, for clustered data), "
+                               "auto (held-out tuning), or a number")
     regularization: str = _opt("default", "the estimator's regulariser (eta, lam or eig_mass): a number, auto, "
                                           "or default (--method stein: the least-regularised grid value, eta 0.01, "
                                           "since the network averages the targets' noise away; the training-free "
@@ -114,13 +117,13 @@ class Config:
         bad = [s for s in self.samplers if s not in SAMPLERS]
         if bad or not self.samplers:
             raise ValueError(f"samplers must be a non-empty subset of {', '.join(SAMPLERS)}; got {list(self.samplers)}")
-        for name in ("bandwidth", "regularization"):
+        for name, words in (("bandwidth", ("auto",) + BANDWIDTH_RULES), ("regularization", ("auto", "default"))):
             v = getattr(self, name)
-            if v not in ("median", "auto", "default", "svgd", "knn"):
+            if v not in words:
                 try:
                     f = float(v)
                 except ValueError:
-                    raise ValueError(f"{name} must be a number or a rule name, got {v!r}") from None
+                    raise ValueError(f"{name} must be a positive number or one of {', '.join(words)}; got {v!r}") from None
                 if not (math.isfinite(f) and f > 0):
                     raise ValueError(f"{name} must be positive and finite, got {v!r}")
         return self
@@ -197,7 +200,7 @@ def estimator_options(cfg: Config) -> dict:
     opts = dict(kernel=cfg.kernel)
     if cfg.bandwidth == "auto":
         opts["bandwidth"] = steinops.AutoTune(warm_start=True, tune_every=cfg.tune_every, seed=cfg.seed)
-    elif cfg.bandwidth in ("median", "svgd", "knn"):
+    elif cfg.bandwidth in BANDWIDTH_RULES:
         opts["bandwidth"] = cfg.bandwidth
     else:
         opts["bandwidth"] = float(cfg.bandwidth)
@@ -218,6 +221,6 @@ def objective_options(cfg: Config) -> dict:
     if cfg.method == "ksd":
         if cfg.bandwidth == "auto":
             raise ValueError("bandwidth 'auto' is not available for --method ksd (use median, svgd or a number)")
-        bw = cfg.bandwidth if cfg.bandwidth in ("median", "svgd") else float(cfg.bandwidth)
+        bw = cfg.bandwidth if cfg.bandwidth in BANDWIDTH_RULES else float(cfg.bandwidth)
         return dict(kernel=cfg.kernel, bandwidth=bw)
     return {}
