@@ -31,8 +31,25 @@ RULES = ("median", "svgd", "knn")
 def _compiled_cpu(x: torch.Tensor) -> bool:
     """Whether the compiled per-set median applies: CPU float sets in low dimension (it forms differences
     directly; for large d cdist's matrix-product form is faster)."""
-    return (x.device.type == "cpu" and x.shape[-1] <= 16 and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-            and compiled_extension() is not None)
+    return (x.device.type == "cpu" and x.shape[-1] <= 16 and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and compiled_extension() is not None)
+
+
+def _sets(x: torch.Tensor, max_points: int) -> torch.Tensor:
+    """x (..., M, d) with M >= 2 checked, thinned to an evenly strided subset of at most max_points."""
+    M = x.shape[-2]
+    if M < 2:
+        raise ValueError(f"x needs at least 2 points to estimate a bandwidth, got {M}")
+    return x[..., :: math.ceil(M / max_points), :] if M > max_points else x
+
+
+def _distances(x: torch.Tensor) -> torch.Tensor:
+    """All pairwise distances (..., M, M) of each set, centred in float64: direct differences for small d
+    (exact), the Gram form for large d (centred float64, so accurate enough)."""
+    xs = x.to(torch.float64)
+    xs = xs - xs.mean(-2, keepdim=True)
+    mode = "donot_use_mm_for_euclid_dist" if xs.shape[-1] <= 4 else "use_mm_for_euclid_dist"
+    return torch.cdist(xs, xs, compute_mode=mode)
 
 
 @torch.no_grad()
@@ -42,21 +59,13 @@ def median_distance(x: torch.Tensor, max_points: int = 1024) -> torch.Tensor:
     Falls back to the mean pairwise distance (with a warning) where more than half the pairs
     coincide, and raises ``ValueError`` where all points coincide.
     """
+    x = _sets(x, max_points)
     M = x.shape[-2]
-    if M < 2:
-        raise ValueError(f"x needs at least 2 points to estimate a bandwidth, got {M}")
-    if M > max_points:
-        x = x[..., :: math.ceil(M / max_points), :]
-        M = x.shape[-2]
     if _compiled_cpu(x):  # one op: the pairs of each set in float64, a selection per set (one set per thread)
         med, mean = torch.ops.steinops_C.pairwise_median(x.reshape(-1, M, x.shape[-1]).contiguous())
         med, mean = med.reshape(x.shape[:-2]), mean.reshape(x.shape[:-2])
     else:
-        xs = x.to(torch.float64)
-        xs = xs - xs.mean(-2, keepdim=True)
-        # direct differences for small d (exact); the Gram form for large d (centred float64, so accurate enough)
-        mode = "donot_use_mm_for_euclid_dist" if xs.shape[-1] <= 4 else "use_mm_for_euclid_dist"
-        dist = torch.cdist(xs, xs, compute_mode=mode).flatten(-2)  # (..., M*M): M zeros on the diagonal + each pair twice
+        dist = _distances(x).flatten(-2)  # (..., M*M): M zeros on the diagonal + each pair twice
         # the lower median of the M(M-1)/2 pairs is the (M + n_pairs)-th smallest entry of the full matrix
         k = M + M * (M - 1) // 2 - 1
         if dist.device.type == "cpu":  # numpy's introselect is ~10x faster than torch's CPU kthvalue/median
@@ -82,19 +91,11 @@ def knn_distance(x: torch.Tensor, k: int | None = None, max_points: int = 1024) 
     k defaults to ceil(sqrt(M)) (clipped to M - 1). Raises ``ValueError`` where that distance is 0 for more
     than half the points (duplicates).
     """
+    x = _sets(x, max_points)
     M = x.shape[-2]
-    if M < 2:
-        raise ValueError(f"x needs at least 2 points to estimate a bandwidth, got {M}")
-    if M > max_points:
-        x = x[..., :: math.ceil(M / max_points), :]
-        M = x.shape[-2]
     k = min(M - 1, math.ceil(math.sqrt(M)) if k is None else k)
-    xs = x.to(torch.float64)
-    xs = xs - xs.mean(-2, keepdim=True)
-    mode = "donot_use_mm_for_euclid_dist" if xs.shape[-1] <= 4 else "use_mm_for_euclid_dist"
-    dist = torch.cdist(xs, xs, compute_mode=mode)
     # the (k+1)-th smallest of each row (the first is the point itself)
-    dk = dist.topk(k + 1, dim=-1, largest=False).values[..., k]
+    dk = _distances(x).topk(k + 1, dim=-1, largest=False).values[..., k]
     med = dk.median(-1).values
     if bool((med <= 0).any()):
         raise ValueError("x: more than half of the points have k coincident neighbours, so no local bandwidth "

@@ -14,11 +14,16 @@ from .ops.backends import compiled_extension
 SMALL_CHOLESKY_MAX = 256  # up to this size the compiled batched factorisation beats LAPACK (measured: 4x at 128)
 
 
+def small_cpu_system(t: torch.Tensor, n: int) -> bool:
+    """Whether an n x n system on ``t``'s device and dtype takes the compiled one-matrix-per-thread ops
+    (``steinops_C::cholesky`` / ``sge_small``): CPU float32/64, 2 <= n <= SMALL_CHOLESKY_MAX, not under
+    torch.compile. The caller checks that nothing needs a gradient (the ops have no backward)."""
+    return (t.device.type == "cpu" and 2 <= n <= SMALL_CHOLESKY_MAX and t.dtype in (torch.float32, torch.float64)
+            and compiled_extension() is not None and not torch.compiler.is_compiling())
+
+
 def _small_path(A: torch.Tensor) -> bool:
-    n = A.shape[-1]
-    return (A.device.type == "cpu" and 2 <= n <= SMALL_CHOLESKY_MAX and A.dtype in (torch.float32, torch.float64)
-            and not (A.requires_grad and torch.is_grad_enabled()) and compiled_extension() is not None
-            and not torch.compiler.is_compiling())
+    return small_cpu_system(A, A.shape[-1]) and not (A.requires_grad and torch.is_grad_enabled())
 
 
 def _cholesky_ex(A: torch.Tensor):

@@ -2,10 +2,7 @@
 // one matrix per OpenMP thread. LAPACK's potrf is tuned for large n and torch runs a batch serially,
 // so at n ~ 64-256 with a batch of noise levels this is several times faster.
 //
-// Right-looking (outer-product) order on the upper factor U = L^T, row-major: for each k
-//   U_kk = sqrt(A_kk),  U_k,j = A_kj / U_kk (j > k),  A_ij -= U_ki U_kj (k < i <= j)
-// so every update is an axpy over a contiguous row (vectorised, clones per ISA; no reductions);
-// the factor is transposed into L at the end.
+// The factorisation and the substitutions of one matrix are in cholesky_impl.h (shared with sge_small.cpp).
 // With a right-hand side B (B,n,E) the same thread then solves (L L^T) X = B by two substitutions.
 // info (B,) follows LAPACK: 0 on success, k > 0 when the leading minor of order k is not positive
 // definite (that factor is then partial; the caller retries with jitter).

@@ -25,13 +25,14 @@ std::tuple<at::Tensor, at::Tensor> pairwise_median(const at::Tensor& x) {
   at::Tensor mean = at::empty({B}, x.options().dtype(at::kDouble));
   double* mp = med.data_ptr<double>();
   double* ap = mean.data_ptr<double>();
-  at::Tensor work = at::empty({at::get_num_threads(), std::max<int64_t>(P, 1) + n * d}, x.options().dtype(at::kDouble));
+  const int64_t n_dist = std::max<int64_t>(P, 1), per_thread = n_dist + n * d;  // distances, centred set
+  at::Tensor work = at::empty({at::get_num_threads(), per_thread}, x.options().dtype(at::kDouble));
   double* w = work.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "steinops_pairwise_median", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      double* dist = w + at::get_thread_num() * (std::max<int64_t>(P, 1) + n * d);
-      double* xc = dist + std::max<int64_t>(P, 1);
+      double* dist = w + at::get_thread_num() * per_thread;
+      double* xc = dist + n_dist;
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* xb = xp + b * n * d;
         for (int64_t c = 0; c < d; ++c) {  // centre in float64 (cancellation in the differences)

@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_small(const at::Tensor& x, co
   at::Tensor G = at::empty({B, n, d}, x.options());
   at::Tensor info = at::zeros({B}, x.options().dtype(at::kLong));
   int64_t* ip = info.data_ptr<int64_t>();
-  const bool imq = kernel == 1;  // kernel ids: 0 RBF, 1 IMQ (kernel_math.h)
+  const bool imq = kernel == kIMQ;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "steinops_sge_small", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* hp = h.data_ptr<scalar_t>();

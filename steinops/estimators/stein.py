@@ -26,7 +26,7 @@ from ..kernels import stein_profile
 from ..ops.gram import gram
 from ..ops.stein_term import stein_term
 from ..ops.backends import resolve as resolve_backend
-from ..solvers import SMALL_CHOLESKY_MAX, cholesky_solve_jitter
+from ..solvers import cholesky_solve_jitter, small_cpu_system
 from ._kernel_system import kernel_solve
 from .base import ScoreEstimator, dense_fits, register
 
@@ -48,10 +48,8 @@ def _fused_small_fit(x, h, eta, kernel: str, backend) -> bool:
     Cholesky and solve per sample set in one thread): small CPU float sets, nothing needing a gradient, the
     compiled CPU backend (what "auto" resolves to on CPU)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, eta))
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad
-            and x.shape[-2] <= SMALL_CHOLESKY_MAX and kernel in ("rbf", "imq") and h.dtype == x.dtype
-            and eta.dtype == x.dtype and not torch.compiler.is_compiling()
-            and resolve_backend(backend, x.device) == "cpu")
+    return (small_cpu_system(x, x.shape[-2]) and not needs_grad and kernel in ("rbf", "imq")
+            and h.dtype == eta.dtype == x.dtype and resolve_backend(backend, x.device) == "cpu")
 
 
 @register("stein")
