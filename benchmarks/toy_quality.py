@@ -36,6 +36,8 @@ VARIANTS = {  # name -> options
     "stein+auto": ["--method", "stein", "--bandwidth", "auto"],
     "stein+knn": ["--method", "stein", "--bandwidth", "knn"],
     "stein+m256": ["--method", "stein", "--levels-per-step", "2"],
+    "stein+imq": ["--method", "stein", "--kernel", "imq"],
+    "stein+imq+knn": ["--method", "stein", "--kernel", "imq", "--bandwidth", "knn"],
     "stein+eta0.3": ["--method", "stein", "--regularization", "0.3"],
     "ksd": ["--method", "ksd"],
 }

@@ -37,6 +37,23 @@ def test_median_matches_the_definition_on_both_paths(shape, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(compiled_extension() is None, reason="steinops._C not built")
+@pytest.mark.parametrize("case", ["lattice", "wide_range", "clusters"])
+def test_compiled_median_selection_is_exact(case):
+    """The compiled op selects on a coarse histogram key first: ties (lattice: many equal distances), keys
+    spread over many binades, and a rank that falls in a crowded bin must still give the exact lower median."""
+    g = torch.Generator().manual_seed(7)
+    if case == "lattice":
+        x = torch.randint(0, 4, (3, 61, 2), generator=g).double()
+    elif case == "wide_range":
+        x = torch.randn(3, 73, 3, generator=g, dtype=torch.float64) * torch.logspace(-4, 4, 73, dtype=torch.float64)[:, None]
+    else:  # two tight clusters far apart: the within-cluster distances share a few bins
+        x = torch.randn(3, 90, 2, generator=g, dtype=torch.float64) * 1e-3
+        x[:, 50:] += 10.0
+    med, _ = torch.ops.steinops_C.pairwise_median(x)
+    assert torch.allclose(med, brute_median(x), rtol=1e-13, atol=0)
+
+
+@pytest.mark.skipif(compiled_extension() is None, reason="steinops._C not built")
 def test_the_compiled_median_is_used_for_small_cpu_sets():
     x = torch.randn(3, 50, 2)
     assert bw._compiled_cpu(x) and not bw._compiled_cpu(torch.randn(3, 50, 17))
