@@ -30,7 +30,7 @@ from kernels import cpu_model, versions  # noqa: E402
 from steinops.sgm import samplers  # noqa: E402
 from steinops.sgm.metrics import energy_distance, mmd, mode_weights  # noqa: E402
 from train.checkpoint import write_text_atomic  # noqa: E402
-from train.config import Config  # noqa: E402
+from train.config import from_dict  # noqa: E402
 from train.loop import Run  # noqa: E402
 
 
@@ -40,8 +40,7 @@ def load_run(run_dir: Path) -> Run:
     if not path.is_file():
         raise ValueError(f"run folder {run_dir} has no checkpoint.pt")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-    cfg = Config(**dict(saved, progress=False, out=str(run_dir)))
+    cfg = from_dict(dict(state["config"], progress=False, out=str(run_dir)))
     run = Run(cfg)
     run.load_state_dict(state)
     return run
