@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from kernels import cpu_model, versions  # noqa: E402
 
 from steinops.sgm import samplers  # noqa: E402
-from steinops.sgm.metrics import energy_distance, mmd, mode_weights  # noqa: E402
+from steinops.distributions import FullCovGaussianMixture, GaussianMixture  # noqa: E402
+from steinops.sgm.metrics import energy_distance, mmd, mode_weight_error, mode_weights  # noqa: E402
 from train.checkpoint import write_text_atomic  # noqa: E402
 from train.config import from_dict  # noqa: E402
 from train.loop import Run  # noqa: E402
@@ -61,7 +62,7 @@ def attribute(run: Run, *, n_samples: int, every: int, seed: int) -> list[dict]:
     prior = run.schedule.sde().prior_sample(n_samples, dist.dim, generator=torch.Generator().manual_seed(seed),
                                             dtype=run.dtype)
     ref = dist.sample(n_samples, generator=torch.Generator().manual_seed(seed + 1)).to(run.dtype)
-    is_mixture = hasattr(dist, "weights") and hasattr(dist, "means")
+    is_mixture = isinstance(dist, (GaussianMixture, FullCovGaussianMixture))  # what mode_weights accepts
     rows, L = [], len(sigmas)
     for k in sorted(set(range(0, L + 1, every)) | {L}):
         for high in (True, False):
@@ -74,9 +75,8 @@ def attribute(run: Run, *, n_samples: int, every: int, seed: int) -> list[dict]:
                        network_levels=[i for i in range(L) if (i < k) == high],
                        energy=energy_distance(x, ref), mmd=mmd(x, ref))
             if is_mixture:
-                w = mode_weights(x, dist)
-                row.update(mode_weights=[float(v) for v in w],
-                           mode_weight_error=float((w - dist.weights.to(w)).abs().max()))
+                row.update(mode_weights=[float(v) for v in mode_weights(x, dist)],
+                           mode_weight_error=mode_weight_error(x, dist))
             rows.append(row)
     return rows
 
@@ -85,8 +85,8 @@ def table(name: str, sigmas, rows) -> str:
     lines = [f"{name}: sigmas " + " ".join(f"{float(s):.3g}" for s in sigmas),
              "| network on levels | energy | MMD² | mode weights | mode-weight error |", "|---|---|---|---|---|"]
     for r in rows:
-        lv = r["network_levels"]
-        lv = "none" if not lv else (f"{lv[0]}-{lv[-1]}" if lv == list(range(lv[0], lv[-1] + 1)) else str(lv))
+        lv = r["network_levels"]  # always one contiguous range
+        lv = f"{lv[0]}-{lv[-1]}" if lv else "none"
         w = " / ".join(f"{v:.3f}" for v in r.get("mode_weights", [])) or "-"
         err = f"{r['mode_weight_error']:.3f}" if "mode_weight_error" in r else "-"
         lines.append(f"| {lv} | {r['energy']:.4f} | {r['mmd']:.2e} | {w} | {err} |")
