@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q "numpy>=1.24" "pytest>=7" "scipy>=1.10" "tqdm>=4.60" "matplotlib>=3.7" "setuptools>=77" wheel ninja
+	$(PIP) install -q "numpy>=1.24" "pytest>=7" "scipy>=1.10" "tqdm>=4.60" "matplotlib>=3.7" "scikit-learn>=1.3" "setuptools>=77" wheel ninja
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install -q triton || echo "triton not installed: the Triton backend and its tests are skipped"
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $(STAMP)

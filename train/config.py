@@ -11,8 +11,10 @@ from dataclasses import dataclass, field, fields
 import steinops
 
 from steinops.bandwidth import RULES as BANDWIDTH_RULES
+from steinops.data import IMAGE_DATASETS
 from steinops.distributions import REGISTRY as DISTRIBUTIONS
 
+DATA = tuple(DISTRIBUTIONS) + tuple(IMAGE_DATASETS)
 METHODS = ("dsm", "ssm", "ssm-vr", "sm", "stein", "ksd")
 SAMPLERS = ("annealed", "pc", "ode", "langevin", "training_free")
 
@@ -29,19 +31,36 @@ class Config:
     steps: int = _opt(3000, "number of optimiser steps")
     resume: bool = _opt(False, "continue bit-exactly from OUT/checkpoint.pt (model, optimiser, EMA, RNG states, step)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available; under torchrun each rank takes "
+                               "cuda:LOCAL_RANK)")
     progress: bool = _opt(True, "show tqdm progress bars (--no-progress to hide)")
     # data
-    data: str = _opt("two_mode", "training distribution (exact scores known): " + ", ".join(DISTRIBUTIONS),
-                     choices=tuple(DISTRIBUTIONS))
-    n_train: int = _opt(10000, "size of the fixed training set drawn from the distribution")
+    data: str = _opt("two_mode", "training data: a distribution with exact scores (" + ", ".join(DISTRIBUTIONS)
+                     + ") or an image data set (digits: scikit-learn's 8x8 digits, bundled; mnist: IDX files in "
+                       "--data-dir)", choices=DATA)
+    n_train: int = _opt(10000, "size of the fixed training set drawn from the distribution (vector data; image "
+                               "data use their whole training split)")
+    data_dir: str = _opt("../shared/data/mnist", "folder holding the MNIST IDX files (train-* and/or t10k-*, "
+                                                  "gzipped or not)")
+    pixel_scale: str = _opt("01", "image scaling: 01 maps raw pixel k of K levels to k/(K-1) in [0, 1], pm1 to "
+                                  "2k/(K-1) - 1 in [-1, 1]", choices=("01", "pm1"))
+    heldout: float = _opt(0.2, "image data: fraction of the images held out (metrics, held-out loss, bits/dim); "
+                               "a fixed split from --seed")
+    pad_to: int = _opt(0, "zero-pad MNIST to this size (e.g. 32; 0 keeps 28x28)")
+    flip: bool = _opt(False, "random horizontal flips of the training images (off: digits are not symmetric)")
     # noise levels (NCSNv2 rules unless given)
     sigma_min: float = _opt(0.01, "smallest noise level")
     sigma_max: float = _opt(0.0, "largest noise level (0: the largest pairwise distance of the data, NCSNv2)")
     n_levels: int = _opt(0, "number of geometric noise levels (0: NCSNv2 rule, 10 in low dimension)")
     # network and optimiser
-    hidden: int = _opt(128, "width of the score MLP")
+    hidden: int = _opt(128, "width of the score MLP (vector data)")
     depth: int = _opt(3, "hidden layers of the score MLP")
     activation: str = _opt("softplus", "MLP activation", choices=("softplus", "silu", "elu", "tanh"))
+    width: int = _opt(32, "U-Net base channel count (image data)")
+    channel_mult: str = _opt("1,2,2", "U-Net channel multipliers, one resolution each (comma-separated)")
+    n_res_blocks: int = _opt(2, "U-Net residual blocks per resolution")
+    attention: bool = _opt(True, "U-Net self-attention at the lowest resolution")
+    dropout: float = _opt(0.0, "U-Net dropout in the residual blocks")
     batch_size: int = _opt(512, "training batch (split into --levels-per-step groups, one noise level each)")
     levels_per_step: int = _opt(4, "noise levels per step; each gets batch_size // levels_per_step samples "
                                    "(Stein/KSD estimate each group from its noisy samples alone)")
@@ -66,6 +85,10 @@ class Config:
     sigma_bandwidth: float = _opt(0.0, "--method stein: cap the estimator's bandwidth at this multiple of each group's "
                                        "noise level sigma (0: off); resolves data structure finer than the median "
                                        "distance at small sigma")
+    gather: bool = _opt(False, "under torchrun: stein / ksd estimate each noise-level group from all ranks' samples "
+                               "(one all-gather per step, the same targets as one process with the global batch) "
+                               "instead of the local batch_size / levels_per_step / world samples (no "
+                               "communication, noisier targets)")
     tune_every: int = _opt(25, "with --bandwidth auto: re-tune (warm-started) every N steps, reuse in between")
     n_projections: int = _opt(1, "projections per sample for ssm / ssm-vr")
     projection: str = _opt("rademacher", "projection law for ssm / ssm-vr", choices=("rademacher", "gaussian"))
@@ -78,6 +101,10 @@ class Config:
     samplers: tuple = _opt(("annealed", "pc", "ode", "langevin"), "samplers for the final evaluation: "
                            + ", ".join(SAMPLERS), nargs="+", choices=SAMPLERS)
     n_samples: int = _opt(2000, "samples per sampler in the final evaluation")
+    n_bpd: int = _opt(256, "image data: held-out images for bits/dim (probability-flow ODE, Hutchinson trace; "
+                           "0: skip)")
+    cache_dir: str = _opt("runs/cache", "image data: where the feature classifier of the FD / KID metrics is "
+                                        "cached (trained once per data set and split)")
     n_steps_each: int = _opt(100, "annealed Langevin steps per level (also the plain Langevin step count x levels)")
     step_eps: float = _opt(0.0, "annealed Langevin eps (a_i = eps sigma_i^2/sigma_L^2; 0: NCSNv2 technique 4)")
     langevin_step: float = _opt(0.1, "step size of plain (non-annealed) Langevin at sigma_min, started from the data's "
@@ -95,7 +122,7 @@ class Config:
         for n in ("steps", "n_train", "hidden", "depth", "batch_size", "levels_per_step", "log_every", "ckpt_every",
                   "n_eval", "n_samples", "n_steps_each", "pc_steps", "n_projections", "tf_samples", "tune_every"):
             positive_int(n)
-        for n in ("warmup", "eval_every", "threads", "n_levels"):
+        for n in ("warmup", "eval_every", "threads", "n_levels", "pad_to", "n_bpd"):
             positive_int(n, 0)
         for n in ("sigma_min", "lr", "snr", "langevin_step"):
             v = getattr(self, n)
@@ -111,7 +138,23 @@ class Config:
             raise ValueError("n_levels must be 0 (automatic) or >= 2, got 1")
         if not (0 <= self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name, allowed in (("data", tuple(DISTRIBUTIONS)), ("method", METHODS)):
+        for n in ("width", "n_res_blocks"):
+            positive_int(n)
+        if not (0 < self.heldout < 1):
+            raise ValueError(f"heldout must be a fraction in (0, 1), got {self.heldout!r}")
+        if not (0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            mult = self.unet_channel_mult()
+        except ValueError:
+            mult = ()
+        if not mult or min(mult) < 1:
+            raise ValueError(f"channel_mult must be comma-separated positive integers such as 1,2,2; got {self.channel_mult!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.pixel_scale not in ("01", "pm1"):
+            raise ValueError(f"pixel_scale must be 01 or pm1, got {self.pixel_scale!r}")
+        for name, allowed in (("data", DATA), ("method", METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         bad = [s for s in self.samplers if s not in SAMPLERS]
@@ -127,6 +170,13 @@ class Config:
                 if not (math.isfinite(f) and f > 0):
                     raise ValueError(f"{name} must be positive and finite, got {v!r}")
         return self
+
+    @property
+    def is_image(self) -> bool:
+        return self.data in IMAGE_DATASETS
+
+    def unet_channel_mult(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in str(self.channel_mult).split(",") if c.strip())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -149,18 +199,32 @@ PRESETS: dict[str, dict] = {
     "checkerboard": dict(data="checkerboard", steps=5000, **TOY_2D),
     "spiral": dict(data="spiral", steps=5000, **TOY_2D),
     "moons": dict(data="moons", steps=5000, **TOY_2D),
+    # images. Stein estimates one noise level per step from all 128 samples (levels_per_step=1): a
+    # pixel-space kernel needs every sample it can get; every method uses the same batch structure.
+    # NCSNv2 rules: sigma_max = largest pairwise distance, L from technique 2, eps from technique 4.
+    "digits": dict(data="digits", steps=3000, batch_size=128, levels_per_step=1, width=32, n_res_blocks=1,
+                   lr=5e-4, eval_every=500, ckpt_every=500, n_eval=256, n_samples=1000, n_steps_each=5,
+                   pc_steps=200, n_bpd=200, tf_samples=1000, samplers=("annealed", "pc", "ode", "training_free")),
+    "mnist": dict(data="mnist", steps=20000, batch_size=128, levels_per_step=1, width=32, n_res_blocks=2,
+                  lr=2e-4, eval_every=2000, ckpt_every=1000, n_eval=256, n_samples=1000, n_steps_each=5,
+                  pc_steps=500, n_bpd=256, samplers=("annealed", "pc")),
     # a short smoke run (tests, CI)
     "smoke": dict(data="two_mode", steps=20, n_train=512, batch_size=64, levels_per_step=2, log_every=5,
                   eval_every=10, ckpt_every=10, n_eval=64, n_samples=64, n_steps_each=3, pc_steps=10,
                   tf_samples=64, progress=False, hidden=32, depth=2),
+    "smoke_image": dict(data="digits", steps=6, batch_size=32, levels_per_step=2, width=8, channel_mult="1,2",
+                        n_res_blocks=1, log_every=2, eval_every=3, ckpt_every=3, n_eval=16, n_samples=16,
+                        n_steps_each=2, pc_steps=4, n_bpd=4, tf_samples=32, progress=False,
+                        samplers=("annealed", "pc", "ode", "training_free")),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a noise-conditional score model on 2-D/vector data with exact scores, with the score "
-                    "objective as the only thing that changes (--method), then sample, evaluate and plot. "
+        description="Train a noise-conditional score model on 2-D/vector data with exact scores (MLP) or on images "
+                    "(digits, MNIST; U-Net), with the score objective as the only thing that changes (--method), "
+                    "then sample, evaluate and plot. Several processes: torchrun --nproc_per_node N -m train ... "
                     "Values: defaults < --preset < the options given here.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -217,10 +281,11 @@ def objective_options(cfg: Config) -> dict:
     if cfg.method == "stein":
         if cfg.sigma_bandwidth and cfg.bandwidth == "auto":
             raise ValueError("sigma_bandwidth caps a rule or numeric bandwidth; use it without --bandwidth auto")
-        return dict(estimator=cfg.estimator, sigma_bandwidth=cfg.sigma_bandwidth or None, **estimator_options(cfg))
+        return dict(estimator=cfg.estimator, sigma_bandwidth=cfg.sigma_bandwidth or None, gather=cfg.gather,
+                    **estimator_options(cfg))
     if cfg.method == "ksd":
         if cfg.bandwidth == "auto":
             raise ValueError("bandwidth 'auto' is not available for --method ksd (use median, svgd or a number)")
         bw = cfg.bandwidth if cfg.bandwidth in BANDWIDTH_RULES else float(cfg.bandwidth)
-        return dict(kernel=cfg.kernel, bandwidth=bw)
+        return dict(kernel=cfg.kernel, bandwidth=bw, gather=cfg.gather)
     return {}

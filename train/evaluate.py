@@ -3,6 +3,7 @@ samplers, the sample metrics against the true distribution, and the pictures."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group
     return row
 
 
+@torch.no_grad()
+def heldout_row(model, heldout: torch.Tensor, sigmas, n, *, step, generator) -> dict:
+    """Held-out denoising loss per level, per dimension: mean over n held-out images x and z ~ N(0, I) of
+    |sigma s(x + sigma z, sigma) + z|^2 / (2 D). It equals sigma^2 E|s - grad log q_sigma|^2 / (2 D) plus a
+    constant of the data (Vincent 2011), so it ranks networks like the Fisher error that image data lack."""
+    p = next(model.parameters())
+    x = heldout[:n].to(device=p.device, dtype=p.dtype)
+    D = x[0].numel()
+    losses = []
+    for s in sigmas:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        sig = float(s)
+        out = model(x + sig * z, torch.full((x.shape[0],), sig, dtype=x.dtype, device=x.device))
+        losses.append(float((sig * out + z).square().sum() / (2 * D * x.shape[0])))
+    return dict(step=step, kind="eval", dsm_heldout=losses, dsm_heldout_mean=sum(losses) / len(losses))
+
+
 def _box(data: torch.Tensor, margin: float = 0.1):
     lo, hi = data.min(0).values, data.max(0).values
     pad = margin * (hi - lo)
@@ -41,22 +59,24 @@ def _box(data: torch.Tensor, margin: float = 0.1):
 
 
 def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]:
-    """Draw cfg.n_samples with each configured sampler from the EMA network (and, with ``exact``, the
-    classic toy check: plain and annealed Langevin with the exact score)."""
-    cfg, dist, sigmas = run.cfg, run.dist, run.sigmas
-    n, d = cfg.n_samples, dist.dim
+    """Draw cfg.n_samples with each configured sampler from the EMA network (and, with ``exact`` and a
+    distribution with exact scores, the classic toy check: plain and annealed Langevin with the exact score).
+    Works on vectors (n, d) and images (n, C, H, W); plain Langevin starts uniformly in the data's bounding box."""
+    cfg, sigmas = run.cfg, run.sigmas
+    n, shape = cfg.n_samples, tuple(run.data.shape[1:])
     sde = run.schedule.sde()
     eps = cfg.step_eps or run.schedule.langevin_step_size(cfg.n_steps_each)
     net = samplers.network_score_fn(run.ema.module)
     g = lambda k: torch.Generator().manual_seed(cfg.seed * 1000 + k)
-    prior = sde.prior_sample(n, d, generator=g(0), dtype=run.dtype)
-    lo, hi = _box(run.data)
-    box = lo + (hi - lo) * torch.rand(n, d, generator=g(1), dtype=run.dtype)  # NCSN toy: plain Langevin from a box
+    prior = sde.prior_sample(n, math.prod(shape), generator=g(0), dtype=run.dtype).reshape(n, *shape)
+    lo, hi = (b.cpu() for b in _box(run.data))
+    box = lo + (hi - lo) * torch.rand(n, *shape, generator=g(1), dtype=run.dtype)  # NCSN toy: plain Langevin from a box
     n_langevin = cfg.n_steps_each * len(sigmas)
     record = max(1, cfg.n_steps_each // 4)
+    exact = exact and run.dist is not None
     score_fns = dict(net=net)
     if exact:
-        score_fns["exact"] = samplers.exact_score_fn(dist)
+        score_fns["exact"] = samplers.exact_score_fn(run.dist)
     out = {}
     for src, fn in score_fns.items():
         for name in cfg.samplers:
@@ -81,8 +101,13 @@ def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]
     if "training_free" in cfg.samplers:
         est = steinops.score_estimator(cfg.estimator, **estimator_options(cfg))
         t0 = time.perf_counter()
-        r = samplers.training_free_sampler(est, run.data, sigmas, prior, eps=eps, n_steps_each=cfg.n_steps_each,
-                                           max_samples=cfg.tf_samples, generator=g(5), progress=cfg.progress)
+        flat = lambda t: t.reshape(t.shape[0], -1)  # the estimator sees images as vectors (pixel-space kernel)
+        r = samplers.training_free_sampler(est, flat(run.data.cpu()), sigmas, flat(prior), eps=eps,
+                                           n_steps_each=cfg.n_steps_each, max_samples=cfg.tf_samples, generator=g(5),
+                                           progress=cfg.progress)
+        r.samples = r.samples.reshape(n, *shape)
+        if r.trajectory is not None:
+            r.trajectory = r.trajectory.reshape(r.trajectory.shape[0], n, *shape)
         r.seconds = time.perf_counter() - t0
         out["training_free"] = r
     return out
@@ -90,6 +115,9 @@ def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]
 
 def final_evaluation(run) -> dict:
     """Samples, metrics.json and plots/ of a finished run; returns the metrics dict."""
+    if run.images is not None:
+        from .evaluate_images import final_image_evaluation
+        return final_image_evaluation(run)
     cfg, dist, out = run.cfg, run.dist, Path(run.cfg.out)
     results = run_samplers(run)
     ref = dist.sample(max(cfg.n_samples, 2000), generator=torch.Generator().manual_seed(cfg.seed + 77))

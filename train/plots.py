@@ -509,8 +509,9 @@ def curves(path, rows: Sequence[dict], *, keys: Sequence[str], x: str = "step", 
     return _save(fig, path)
 
 
-def fisher_per_level(path, per_method: dict, sigmas, title: str = "") -> Path:
-    """Relative Fisher error per noise level, one line per method, log-log against sigma.
+def fisher_per_level(path, per_method: dict, sigmas, title: str = "", ylabel: str | None = None) -> Path:
+    """Relative Fisher error (or another per-level error, named by ``ylabel``) per noise level, one line per
+    method, log-log against sigma.
 
     ``per_method``: name -> list of L errors (one per entry of ``sigmas``, shape (L,)). Non-positive or
     non-finite errors are not drawn (a log axis cannot show them).
@@ -540,7 +541,7 @@ def fisher_per_level(path, per_method: dict, sigmas, title: str = "") -> Path:
     if drawn:
         ax.set_yscale("log")
     ax.set_xlabel(r"noise level $\sigma$")
-    ax.set_ylabel(r"relative Fisher error $\mathbb{E}|s-s^*|^2 / \mathbb{E}|s^*|^2$")
+    ax.set_ylabel(ylabel or r"relative Fisher error $\mathbb{E}|s-s^*|^2 / \mathbb{E}|s^*|^2$")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
     ax.set_title(title or "score error per noise level", fontsize=11)

@@ -1,7 +1,8 @@
 """Plain-text / Markdown tables of run summaries (metrics.json)."""
 from __future__ import annotations
 
-COLUMNS = ("energy", "mmd", "sliced_w2", "ksd", "mode_weight_error", "seconds")
+COLUMNS = ("energy", "mmd", "sliced_w2", "ksd", "mode_weight_error", "fd", "kid_mean", "nn_ratio", "frac_copies",
+           "seconds")
 
 
 def _fmt(v):
@@ -15,8 +16,14 @@ def _fmt(v):
 def sampler_table(summary: dict) -> str:
     """Markdown table: one row per sampler of one run."""
     cols = [c for c in COLUMNS if any(c in m for m in summary["samplers"].values())]
-    lines = [f"{summary['method']} on {summary['data']}, {summary['steps']} steps; mean relative Fisher error of the "
-             f"network over levels: {_fmt((summary.get('fisher') or {}).get('fisher_net_mean'))}", "",
+    if "fd_real" in summary:  # image data: no exact score
+        head = (f"{summary['method']} on {summary['data']}, {summary['steps']} steps; FD/KID in the feature space of a "
+                f"classifier trained on the data (accuracy {_fmt(summary['classifier_accuracy'])}; held-out vs "
+                f"training FD {_fmt(summary['fd_real'])}); bits/dim {_fmt((summary.get('bpd') or {}).get('mean'))}")
+    else:
+        head = (f"{summary['method']} on {summary['data']}, {summary['steps']} steps; mean relative Fisher error of the "
+                f"network over levels: {_fmt((summary.get('fisher') or {}).get('fisher_net_mean'))}")
+    lines = [head, "",
              "| sampler | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in summary["samplers"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")

@@ -3,5 +3,6 @@
 ssm-vr, sm, stein, ksd), samplers (``samplers``) and sample metrics (``metrics``)."""
 from .networks import ScoreMLP, ema_model
 from .noise import VESDE, NoiseSchedule
+from .unet import ScoreUNet
 
-__all__ = ["NoiseSchedule", "ScoreMLP", "VESDE", "ema_model"]
+__all__ = ["NoiseSchedule", "ScoreMLP", "ScoreUNet", "VESDE", "ema_model"]

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
 from ..estimators.base import ESTIMATORS, score_estimator
 from ..ops.ksd import ksd
+from .distributed import gather_groups, local_rows
 
 PROJECTIONS = ("rademacher", "gaussian")
 
@@ -70,6 +71,20 @@ class NoisyBatch:
         G, m = self.noisy.shape[:2]
         x = self.noisy.reshape(G * m, *self.noisy.shape[2:])
         return x, self.sigma.to(x.dtype).repeat_interleave(m)
+
+    def shard(self, rank: int, world: int) -> "NoisyBatch":
+        """Rows [rank m/W, (rank+1) m/W) of every group (data parallelism: each rank holds a slice of every
+        level, so the ranks together hold exactly the single-process batch). ValueError unless W divides m."""
+        m = self.group_size
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank!r}, world={world!r}")
+        if m % world:
+            raise ValueError(f"batch: groups of {m} samples cannot be split evenly over {world} ranks; choose a "
+                             f"batch_size with (batch_size // levels_per_step) divisible by the number of processes")
+        k = m // world
+        cut = lambda t: t[:, rank * k:(rank + 1) * k]
+        return NoisyBatch(clean=cut(self.clean), noisy=cut(self.noisy), noise=cut(self.noise), sigma=self.sigma,
+                          level=self.level)
 
 
 def _positive_int(name: str, value) -> int:
@@ -179,6 +194,7 @@ class Objective:
 
     name = "base"
     min_group = 1
+    forward_mode_ad = False  # True: the loss takes torch.func.jvp through the model (see train/ddp.py)
 
     def __init__(self):  # no options
         pass
@@ -234,6 +250,7 @@ class SlicedScoreMatching(Objective):
 
     name = "ssm"
     variance_reduced = False
+    forward_mode_ad = True
 
     def __init__(self, n_projections: int = 1, projection: str = "rademacher"):
         self.n_projections = _positive_int("n_projections", n_projections)
@@ -276,6 +293,7 @@ class ScoreMatching(Objective):
     """
 
     name = "sm"
+    forward_mode_ad = True
 
     def __init__(self, max_dim: int = 64):
         self.max_dim = _positive_int("max_dim", max_dim)
@@ -317,6 +335,12 @@ class SteinObjective(Objective):
     when p has structure finer than its global spread (clusters, rings) the median rule over-smooths the
     small levels; the cap resolves them. It uses the group's noise level, never the noise itself.
 
+    Data parallelism: with ``gather=True`` each rank all-gathers the noisy slices of its groups
+    (``NoisyBatch.shard``), fits on the whole group and keeps its own rows' targets: the same targets as one
+    process with the global batch, for one all-gather of (G, m, D) per step. ``gather=False`` fits on the
+    local m / W rows only: no communication, but a noisier and (through the bandwidth and the ridge) more
+    biased estimate. Without an initialised process group both are the single-process objective.
+
     Regularisation: unless the estimator's knob (``eta``, ``lam``, ``eig_mass``; or ``n_eigen`` / ``n_iter``)
     is given, it is set at each fit to the estimator's least-regularised grid value
     (``knob_least_regularised(m)``: eta = 0.01 for the SGE, lam = 0.01 / m for KEF, eig_mass = 0.999 for
@@ -332,7 +356,11 @@ class SteinObjective(Objective):
     name = "stein"
     min_group = 8
 
-    def __init__(self, estimator: str = "stein", *, sigma_bandwidth: float | None = None, **estimator_options):
+    def __init__(self, estimator: str = "stein", *, sigma_bandwidth: float | None = None, gather: bool = False,
+                 **estimator_options):
+        if not isinstance(gather, bool):
+            raise ValueError(f"gather must be True or False, got {gather!r}")
+        self.gather = gather
         if not isinstance(estimator, str) or estimator.lower() not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
         if sigma_bandwidth is not None:
@@ -352,19 +380,24 @@ class SteinObjective(Objective):
         self.low_bias_knob = knob is not None and not ({knob, "n_eigen", "n_iter"} & set(estimator_options))
 
     def _options(self):
-        return {"estimator": self.estimator_name, "sigma_bandwidth": self.sigma_bandwidth, **self.estimator_options}
+        return {"estimator": self.estimator_name, "sigma_bandwidth": self.sigma_bandwidth, "gather": self.gather,
+                **self.estimator_options}
 
     def _loss(self, model, batch, generator):
         G, m = batch.noisy.shape[:2]
         with torch.no_grad():
             xg = batch.noisy.detach().reshape(G, m, -1)
+            if self.gather:  # the whole group from every rank's slice
+                xg = gather_groups(xg)
             if self.low_bias_knob:
-                setattr(self.estimator, self.estimator.knob, self.estimator.knob_least_regularised(m))
+                setattr(self.estimator, self.estimator.knob, self.estimator.knob_least_regularised(xg.shape[1]))
             if self.sigma_bandwidth is not None:  # h = min(rule(x), c sigma) per group
                 h = torch.as_tensor(select_bandwidth(xg, self.bandwidth_rule), dtype=xg.dtype, device=xg.device).expand(G)
                 self.estimator.bandwidth = torch.minimum(h, self.sigma_bandwidth * batch.sigma.to(xg.dtype))
             self.estimator.fit(xg)
             g = self.estimator.scores_.detach()
+            if self.gather:
+                g = local_rows(g, m)
         x, sig = batch.flat()
         s = _score(model, x, sig)
         target = g.reshape(x.shape).to(s.dtype)
@@ -404,12 +437,17 @@ class KSDObjective(Objective):
 
     Options: kernel "rbf" or "imq"; bandwidth a positive number or a rule name ("median": computed per group
     from the noisy samples, detached). The U-statistic is unbiased, so the loss can be slightly negative.
+    ``gather=True`` (data parallelism) all-gathers every rank's samples and scores (differentiably) so each
+    group's KSD pairs all its samples, as in one process; ``gather=False`` pairs only the local slice.
     """
 
     name = "ksd"
     min_group = 8
 
-    def __init__(self, kernel: str = "rbf", bandwidth="median"):
+    def __init__(self, kernel: str = "rbf", bandwidth="median", gather: bool = False):
+        if not isinstance(gather, bool):
+            raise ValueError(f"gather must be True or False, got {gather!r}")
+        self.gather = gather
         if kernel not in ("rbf", "imq"):
             raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
         if isinstance(bandwidth, str):
@@ -421,20 +459,23 @@ class KSDObjective(Objective):
         self.kernel, self.bandwidth = kernel, bandwidth
 
     def _options(self):
-        return {"kernel": self.kernel, "bandwidth": self.bandwidth}
+        return {"kernel": self.kernel, "bandwidth": self.bandwidth, "gather": self.gather}
 
     def _loss(self, model, batch, generator):
         G, m = batch.noisy.shape[:2]
         x, sig = batch.flat()
         s = _score(model, x, sig)
         xg = batch.noisy.detach().reshape(G, m, -1).to(s.dtype)
+        sg = s.reshape(G, m, -1)
+        if self.gather:  # every rank computes the whole-group loss; all_gather's backward routes the gradients
+            xg, sg = gather_groups(xg), gather_groups(sg, differentiable=True)
         if isinstance(self.bandwidth, str):
             with torch.no_grad():
                 h = torch.as_tensor(select_bandwidth(xg, self.bandwidth), dtype=s.dtype, device=s.device)
                 h = h.expand(G).detach()
         else:
             h = torch.full((G,), float(self.bandwidth), dtype=s.dtype, device=s.device)
-        k = ksd(xg, s.reshape(G, m, -1), kernel=self.kernel, bandwidth=h, u_statistic=True)  # (G,)
+        k = ksd(xg, sg, kernel=self.kernel, bandwidth=h, u_statistic=True)  # (G,)
         w = batch.sigma.to(k.dtype).square()
         loss = (w * k).mean()
         return loss, {"ksd_weighted": float(loss.detach()), "ksd_mean": float(k.detach().double().mean()),
