@@ -95,7 +95,7 @@ def run_samplers(run, *, exact: bool = True) -> dict[str, samplers.SampleResult]
                 r = samplers.pc_sampler(fn, prior, sde, n_steps=cfg.pc_steps, snr=cfg.snr, generator=g(4),
                                         progress=cfg.progress)
             elif name == "ode":
-                r = samplers.probability_flow_ode(fn, prior, sde)
+                r = samplers.probability_flow_ode(fn, prior, sde, rtol=cfg.ode_tol, atol=cfg.ode_tol)
             r.seconds = time.perf_counter() - t0
             out[key] = r
     if "training_free" in cfg.samplers:

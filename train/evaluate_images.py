@@ -55,9 +55,9 @@ def final_image_evaluation(run) -> dict:
         t0 = time.perf_counter()
         x = img.heldout[:cfg.n_bpd]
         net = run.ema.module.eval()  # differentiable: the divergence is a vector-Jacobian product
-        res = bits_per_dim(net, x, run.schedule.sde(), bin_width=img.bin_width,
+        res = bits_per_dim(net, x, run.schedule.sde(), bin_width=img.bin_width, rtol=cfg.bpd_tol, atol=cfg.bpd_tol,
                            generator=torch.Generator().manual_seed(cfg.seed + 80), progress=cfg.progress)
-        bpd = dict(mean=res["bpd_mean"], std=res["bpd_std"], n_images=int(x.shape[0]), nfe=res["nfe"],
+        bpd = dict(mean=res["bpd_mean"], std=res["bpd_std"], n_images=int(x.shape[0]), nfe=res["nfe"], tol=cfg.bpd_tol,
                    seconds=time.perf_counter() - t0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in rows if r.get("kind") == "eval"]
