@@ -40,6 +40,22 @@ CASES = {  # label -> extra options
 }
 
 
+def interleaved_step_times(runs: dict, steps: int, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Seconds per ``train_step`` of each run, one mean per round over ``steps`` steps; the runs take turns
+    in every round so background load hits them alike. ``sync`` is called around each timed block
+    (e.g. ``torch.cuda.synchronize``)."""
+    times = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                run.train_step()
+            sync()
+            times[label].append((time.perf_counter() - t0) / steps)
+    return times
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=512)
@@ -59,13 +75,7 @@ def main(argv=None):
             runs[label] = Run(cfg)
             for _ in range(a.warmup):
                 runs[label].train_step()
-    times = {label: [] for label in runs}
-    for _ in range(a.rounds):
-        for label, run in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                run.train_step()
-            times[label].append((time.perf_counter() - t0) / a.steps)
+    times = interleaved_step_times(runs, a.steps, a.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get("dsm")
     print(f"training step, batch {a.batch_size} in {a.levels_per_step} noise groups, toy MLP, "

@@ -16,7 +16,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from kernels import cpu_model, versions  # noqa: E402
+from train_step import interleaved_step_times  # noqa: E402
 
 from train.config import resolve  # noqa: E402
 from train.loop import Run  # noqa: E402
@@ -44,11 +44,6 @@ CASES = {  # label -> extra options
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None):
@@ -77,15 +72,8 @@ def main(argv=None):
                 runs[label].train_step()
     run0 = next(iter(runs.values()))
     device = run0.device
-    times = {label: [] for label in runs}
-    for _ in range(a.rounds):
-        for label, run in runs.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                run.train_step()
-            _sync(device)
-            times[label].append((time.perf_counter() - t0) / a.steps)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = interleaved_step_times(runs, a.steps, a.rounds, sync)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get("dsm")
     name = device_name(device)

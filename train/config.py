@@ -122,7 +122,8 @@ class Config:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
 
         for n in ("steps", "n_train", "hidden", "depth", "batch_size", "levels_per_step", "log_every", "ckpt_every",
-                  "n_eval", "n_samples", "n_steps_each", "pc_steps", "n_projections", "tf_samples", "tune_every"):
+                  "n_eval", "n_samples", "n_steps_each", "pc_steps", "n_projections", "tf_samples", "tune_every", "width",
+                  "n_res_blocks"):
             positive_int(n)
         for n in ("warmup", "eval_every", "threads", "n_levels", "pad_to", "n_bpd"):
             positive_int(n, 0)
@@ -140,8 +141,6 @@ class Config:
             raise ValueError("n_levels must be 0 (automatic) or >= 2, got 1")
         if not (0 <= self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for n in ("width", "n_res_blocks"):
-            positive_int(n)
         if not (0 < self.heldout < 1):
             raise ValueError(f"heldout must be a fraction in (0, 1), got {self.heldout!r}")
         if not (0 <= self.dropout < 1):

@@ -22,6 +22,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from steinops.sgm.distributed import rank_and_world
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -56,23 +58,25 @@ def teardown():
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """The average of each float over the ranks (one all-reduce); the identity in one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not values:
+    world = rank_and_world()[1]
+    if world == 1 or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t /= world
     return dict(zip(keys, t.tolist()))
 
 
 def average_gradients(model: torch.nn.Module):
     """All-reduce-average every parameter's gradient over the ranks (in one flat buffer)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or not (dist.is_available() and dist.is_initialized()):
+    world = rank_and_world()[1]
+    if not grads or world == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= world
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
