@@ -68,10 +68,10 @@ def evaluate(name, kwargs, x, q, sx, sq):
             return fisher(est.scores_, sx), fisher(est.predict(q), sq)
 
 
-def run_case(variant, x, q, sx, sq):
+def run_case(variant, x, q, sx, sq, auto=None):
     name, base_kw = parse_variant(variant)
     default_in, default_out = evaluate(name, base_kw, x, q, sx, sq)
-    auto_in, auto_out = evaluate(name, {**base_kw, "bandwidth": "auto"}, x, q, sx, sq)
+    auto_in, auto_out = evaluate(name, {**base_kw, "bandwidth": auto or "auto"}, x, q, sx, sq)
     # the oracle: the same candidates as "auto" (the default, then bandwidth multiples x the knob grid),
     # chosen by the in-sample error against the EXACT score
     proto = steinops.score_estimator(name, **base_kw)
@@ -101,6 +101,11 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=512, help="fresh query points per case")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--criterion", choices=list(autotune.CRITERIA), default="auto",
+                   help="auto's selection criterion (AutoTune(criterion=...); default: leave-one-out where affordable)")
+    p.add_argument("--se-rule", type=float, default=None,
+                   help="auto's anchor rule: the best candidate must beat the default by this many standard errors "
+                        "(default: 1 with K-fold, 0 with leave-one-out)")
     p.add_argument("--quick", action="store_true", help="tiny grid: smoke test")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     a = p.parse_args(argv)
@@ -134,7 +139,8 @@ def main(argv=None):
         for name in a.estimators:
             torch.manual_seed(a.seed)  # auto's random splits: reproducible per case
             t = time.time()
-            r = run_case(name, x.to(dtype), q.to(dtype), sx, sq)
+            r = run_case(name, x.to(dtype), q.to(dtype), sx, sq,
+                         auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule))
             r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, seconds=time.time() - t)
             rows.append(r)
             print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "

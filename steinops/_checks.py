@@ -6,6 +6,7 @@ are skipped while ``torch.compile`` traces and can be switched off with ``set_va
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -18,6 +19,18 @@ def set_value_checks(enabled: bool) -> None:
     """Turn the value checks (finite inputs, positive bandwidth) on or off globally."""
     global _VALUE_CHECKS
     _VALUE_CHECKS = bool(enabled)
+
+
+@contextlib.contextmanager
+def value_checks_suspended():
+    """Skip the value checks inside the block: for inner loops over inputs checked once already
+    (each check reads the whole tensor and, on a GPU, synchronises)."""
+    global _VALUE_CHECKS
+    prev, _VALUE_CHECKS = _VALUE_CHECKS, False
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = prev
 
 
 def value_checks_enabled() -> bool:

@@ -80,34 +80,61 @@ def conjugate_gradient(
     max_iter: int,
     x0: torch.Tensor | None = None,
     what: str = "conjugate gradient",
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    history: list | None = None,
+    allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ):
     """Solve ``A X = B`` for symmetric positive definite A given as ``matvec``; B (..., M, E).
 
     Every column (and batch element) has its own step sizes ``alpha, beta``; a column stops once
-    ``|r| <= rtol |b|``. After ``max_iter`` iterations a ``RuntimeWarning`` reports the worst relative
-    residual. Returns ``(X, iterations, max relative residual)``.
+    ``|r| <= rtol |b|`` (the true residual's norm, also with a preconditioner) and is frozen from then on.
+    After ``max_iter`` iterations a ``RuntimeWarning`` reports the worst relative residual. Returns
+    ``(X, iterations, max relative residual)``.
+
+    Args:
+        precond: optional callable applying ``P^{-1}`` (P symmetric positive definite, P ~ A) to a
+            (..., M, E) tensor: preconditioned CG, i.e. ``z = P^{-1} r``, ``alpha = r.z / p.Ap``,
+            ``beta = r'.z' / r.z``, ``p' = z' + beta p``. Without it ``z = r`` (plain CG).
+        history: a list to which the max relative residual (over columns and batch) is appended,
+            before the first iteration and after each one: the convergence record.
+        allreduce: applied to every column-wise inner product (..., E) before use; for rows sharded
+            across processes a sum over the processes (e.g. ``torch.distributed.all_reduce``), so that
+            every process takes the same steps.
     """
+    reduce = (lambda t: t) if allreduce is None else allreduce
+    tiny = torch.finfo(B.dtype).tiny
+
+    def coldot(U, V):
+        return reduce((U * V).sum(-2))
+
     X = torch.zeros_like(B) if x0 is None else x0.clone()
     R = B - matvec(X) if x0 is not None else B.clone()
-    P = R.clone()
-    bnorm = B.norm(dim=-2).clamp_min(torch.finfo(B.dtype).tiny)  # (..., E)
-    rr = (R * R).sum(-2)
+    Z = R if precond is None else precond(R)
+    P = Z.clone()
+    bnorm = coldot(B, B).sqrt().clamp_min(tiny)  # (..., E)
+    rr = coldot(R, R)
+    rz = rr if precond is None else coldot(R, Z)
     it = 0
-    rel = (rr.sqrt() / bnorm).max()
+    rel = float((rr.sqrt() / bnorm).max())
+    if history is not None:
+        history.append(rel)
     while it < max_iter and rel > rtol:
         AP = matvec(P)
-        pap = (P * AP).sum(-2)
+        pap = coldot(P, AP)
         active = rr.sqrt() > rtol * bnorm  # converged columns are frozen
-        alpha = torch.where(active, rr / pap.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rr))
+        alpha = torch.where(active, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
         X = X + alpha.unsqueeze(-2) * P
         R = R - alpha.unsqueeze(-2) * AP
-        rr_new = (R * R).sum(-2)
-        beta = torch.where(active, rr_new / rr.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rr))
-        P = R + beta.unsqueeze(-2) * P
-        rr = rr_new
+        Z = R if precond is None else precond(R)
+        rr = coldot(R, R)
+        rz_new = rr if precond is None else coldot(R, Z)
+        beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+        P = Z + beta.unsqueeze(-2) * P
+        rz = rz_new
         it += 1
-        rel = (rr.sqrt() / bnorm).max()
-    rel = float(rel)
+        rel = float((rr.sqrt() / bnorm).max())
+        if history is not None:
+            history.append(rel)
     if rel > rtol:
         warnings.warn(f"{what} stopped after {it} iterations at relative residual {rel:.2e} > rtol {rtol:.1e}; "
                       f"raise eta or max_iter", RuntimeWarning, stacklevel=2)

@@ -1,8 +1,13 @@
 """The benchmark scripts run end to end on a tiny grid and write well-formed JSON (so they never rot)."""
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,8 +26,19 @@ def test_hyperparameter_benchmark_quick(tmp_path):
     assert row["best"] > 0 and row["rules"]["default"] >= row["best"] * (1 - 1e-9)
 
 
-def test_kernel_benchmark_quick(tmp_path):
-    data = _run(["benchmarks/kernels.py", "--device", "cpu", "--quick", "--backends", "cpu,reference,naive"], tmp_path)
+@pytest.fixture(scope="module")
+def kernel_quick(tmp_path_factory):
+    """One quick CPU run of benchmarks/kernels.py (every op, fused and naive methods), shared by the tests."""
+    out = tmp_path_factory.mktemp("kernels") / "out.json"
+    res = subprocess.run([sys.executable, "benchmarks/kernels.py", "--device", "cpu", "--quick", "--threads", "1",
+                          "--backends", "cpu,reference,naive", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return json.loads(out.read_text()), res.stdout, out
+
+
+def test_kernel_benchmark_quick(kernel_quick):
+    data, _, _ = kernel_quick
     assert data["rows"] and data["device"]["type"] == "cpu"
     ok = [r for r in data["rows"] if r["status"] == "ok"]
     assert ok and all(r["ms"] > 0 for r in ok)
@@ -56,3 +72,191 @@ def test_level_attribution_on_a_smoke_run(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/level_attribution.py", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "has no checkpoint.pt" in res.stderr
+
+
+# ---- the roofline model and the kernel benchmark's use of it (benchmarks/roofline.py) -------------------
+
+def _load(name):
+    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def roofline():
+    return _load("roofline")
+
+
+@pytest.fixture(scope="module")
+def kbench():
+    return _load("kernels")
+
+
+# made-up peaks with round numbers: 1 GB/s, float32 1 TFLOP/s, tf32 4 TFLOP/s, 1 G exp/s
+PEAKS = {"bandwidth_bytes_per_s": 1e9, "matmul_flops_per_s": {"float32": 1e12, "tf32": 4e12},
+         "exp_per_s": {"float32": 1e9}}
+
+
+def test_roofline_counts_by_hand(roofline):
+    w = roofline.op_work("kmv", M=5, d=2, E=4, itemsize=4, N=3)  # 15 pairs
+    assert w.matmul_flops == 2 * 15 * 2 + 2 * 15 * 4  # x.y dot products + K @ v
+    assert (w.elementwise_flops, w.exps, w.solve_flops) == (3 * 15, 15, 0)
+    assert w.bytes == 4 * (3 * 2 + 5 * 2 + 5 * 4 + 3 * 4)  # x, y, v read, out written, float32
+    assert roofline.op_work("kmv", M=5, d=2, E=4, itemsize=2, N=3).bytes == w.bytes / 2  # bfloat16
+
+    # forward + backward: 4 products of 2 P d (distances twice, C y, C^T x), 3 of 2 P E (K v, g v^T, K^T g)
+    w = roofline.op_work("kmv+bwd", M=10, d=3, E=2, itemsize=4)
+    assert w.matmul_flops == 100 * (4 * 2 * 3 + 3 * 2 * 2) and w.exps == 200 and w.elementwise_flops == 1000
+    assert w.bytes == 4 * ((30 + 30 + 20 + 20) + (30 + 30 + 20 + 20) + (30 + 30 + 20))  # fwd io, bwd reads, writes
+
+    w = roofline.op_work("stein", M=4, d=3, itemsize=4)  # one product with [1 | x]: E = 4
+    assert (w.matmul_flops, w.exps, w.bytes) == (16 * 2 * 3 + 16 * 2 * 4, 16, 4 * 2 * 12)
+    assert roofline.op_work("stein+bwd", M=4, d=3, itemsize=4).bytes == 4 * 5 * 12  # x, S; x, g, dx
+    g = roofline.op_work("gram+stein", M=4, d=3, itemsize=4)
+    assert g.matmul_flops == w.matmul_flops and g.bytes == 4 * (2 * 12 + 16)  # and the 4 x 4 output
+
+    w = roofline.op_work("sge", M=4, d=3, itemsize=4)  # Gram + Stein, Cholesky 4^3 / 3, two solves 2 * 16 * 3
+    assert math.isclose(w.matmul_flops, 224 + 64 / 3 + 96) and math.isclose(w.solve_flops, 64 / 3 + 96)
+    assert (w.exps, w.bytes) == (16, 4 * 2 * 12)
+    b = roofline.op_work("sge+bwd", M=4, d=3, itemsize=4)
+    assert math.isclose(b.matmul_flops, w.matmul_flops + 14 * 16 * 3) and b.exps == 32
+    assert roofline.op_work("matmul", M=4, d=3, itemsize=4).matmul_flops == 2 * 16 * 3
+    with pytest.raises(ValueError):
+        roofline.op_work("nope", M=4, d=3)
+
+
+def test_roofline_floor_is_the_max_term(roofline):
+    f32 = torch.float32
+    # d = 1: 2 * 2 N M FLOPs at 4e12 (tf32 is the faster float32 rate) vs N M exps at 1e9 -> exp binds
+    w = roofline.op_work("kmv", M=1000, d=1, E=1, itemsize=4)
+    fl = roofline.floor(w, PEAKS, f32)
+    assert fl["bound"] == "exp" and math.isclose(fl["floor_ms"], 1e6 / 1e9 * 1e3)
+    assert fl["matmul_precision"] == "tf32" and math.isclose(fl["terms_ms"]["matmul"], 4e6 / 4e12 * 1e3)
+    assert fl["floor_ms"] == max(fl["terms_ms"].values())
+    # d = 3000 with a 1 TB/s memory (at 1 GB/s the 24 MB of x and y would bind): matmul binds
+    fl = roofline.floor(roofline.op_work("kmv", M=1000, d=3000, E=1, itemsize=4),
+                        {**PEAKS, "bandwidth_bytes_per_s": 1e12}, f32)
+    assert fl["bound"] == "matmul" and math.isclose(fl["floor_ms"], 2e6 * 3001 / 4e12 * 1e3)
+    # one query against many samples: bytes 4 (1 + 2 M + 1) at 1 GB/s beat M exps at 1 G/s
+    fl = roofline.floor(roofline.op_work("kmv", M=10**6, d=1, E=1, itemsize=4, N=1), PEAKS, f32)
+    assert fl["bound"] == "memory" and math.isclose(fl["floor_ms"], 4 * (2 + 2e6) / 1e9 * 1e3)
+    # elementwise runs at the float32 (FMA) rate
+    fl = roofline.floor(roofline.Work(elementwise_flops=5e9), PEAKS, f32)
+    assert fl["bound"] == "elementwise" and math.isclose(fl["floor_ms"], 5.0)
+    # bfloat16 without a measured bfloat16 rate falls back to the fastest float32 one; solves run at IEEE float32
+    fl = roofline.floor(roofline.Work(matmul_flops=3e12, solve_flops=1e12), PEAKS, torch.bfloat16)
+    assert fl["matmul_precision"] == "tf32" and math.isclose(fl["floor_ms"], (2e12 / 4e12 + 1e12 / 1e12) * 1e3)
+
+
+def test_roofline_measures_the_cpu(roofline):
+    peaks = roofline.measure_peaks("cpu", torch.bfloat16, quick=True)
+    assert peaks["bandwidth_bytes_per_s"] > 1e8 and peaks["exp_per_s"]["float32"] > 1e7
+    assert set(peaks["matmul_flops_per_s"]) == {"float32", "bfloat16"}  # no TF32 on a CPU
+    assert all(r > 1e8 for r in peaks["matmul_flops_per_s"].values())
+    # no exp unit on a CPU: at least the polynomial model (FMA rate / CPU_EXP_FLOPS), or torch.exp if faster
+    model = peaks["matmul_flops_per_s"]["float32"] / roofline.CPU_EXP_FLOPS
+    assert math.isclose(peaks["exp_spec_per_s"]["float32"], model) and peaks["exp_per_s"]["float32"] >= model
+    assert "torch.exp" in peaks["exp_source"]["float32"]
+    json.dumps(peaks)  # goes into the benchmark's JSON
+
+
+def test_kernel_benchmark_rows_carry_the_roofline(kernel_quick, roofline):
+    data, stdout, _ = kernel_quick
+    ops = {r["op"] for r in data["rows"]}
+    assert {"sge", "kmv+bwd", "stein+bwd", "sge+bwd"} <= ops
+    assert "floor ms" in stdout and "%floor" in stdout and "roofline peaks" in stdout
+    peaks = data["roofline"]["peaks"]
+    for r in data["rows"]:
+        # every method, the fused C++ one included, matches the float64 reference on every op
+        assert r["status"] == "ok" and r["rel_err"] <= r["tolerance"], r
+        assert r["tolerance"] == data["settings"]["tolerance"]  # = float32's 1e-3 at M <= 512, sge included
+        assert r["floor_ms"] > 0 and r["floor_fraction"] > 0 and r["bound"] in r["floor_terms_ms"]
+        assert math.isclose(r["floor_fraction"], r["floor_ms"] / r["ms"])
+        fl = roofline.floor(roofline.op_work(r["op"], r["M"], r["d"], r["E"], 4), peaks, torch.float32)
+        assert math.isclose(r["floor_ms"], fl["floor_ms"]) and r["bound"] == fl["bound"]
+        assert r["io_bytes"] == r["work"]["bytes"]
+    methods = {(r["op"], r["method"]) for r in data["rows"]}
+    assert {("sge", "cpu"), ("sge+bwd", "naive"), ("kmv+bwd", "cpu"), ("stein+bwd", "reference")} <= methods
+
+
+def test_kernel_benchmark_bfloat16_with_reused_peaks(kernel_quick, tmp_path):
+    """bfloat16 inputs through the C++ backend (computed in float32) and naive, forward and backward, against
+    float64; the float32 run's peaks serve (bfloat16 matmuls may run at the float32 rate)."""
+    _, _, first = kernel_quick
+    data = _run(["benchmarks/kernels.py", "--device", "cpu", "--dtype", "bfloat16", "--ops", "kmv+bwd,sge",
+                 "--sizes", "64", "--dims", "2", "--backends", "cpu,naive", "--repeats", "1", "--peaks", str(first)],
+                tmp_path)
+    assert data["roofline"]["peaks"] == json.loads(first.read_text())["roofline"]["peaks"]
+    assert {(r["op"], r["method"]) for r in data["rows"]} == {(op, m) for op in ("kmv+bwd", "sge")
+                                                              for m in ("cpu", "naive")}
+    for r in data["rows"]:
+        assert r["status"] == "ok" and 0 < r["rel_err"] <= r["tolerance"] == 5e-2, r
+        assert r["floor_fraction"] > 0 and r["matmul_precision"] == "float32"
+    # a floor cap of 0 ms leaves every case out
+    data = _run(["benchmarks/kernels.py", "--device", "cpu", "--ops", "kmv", "--sizes", "64", "--dims", "2",
+                 "--backends", "naive", "--peaks", str(first), "--max-floor-ms", "0"], tmp_path)
+    assert data["rows"] == [] and data["roofline"]["left_out_cases"][0]["op"] == "kmv"
+
+
+@pytest.mark.parametrize("op", ["kmv+bwd", "stein+bwd"])
+def test_backward_check_rows_match_full_autograd(kbench, op):
+    """The benchmark checks the first R rows of the gradients from R-row sub-problems; they must equal the rows
+    of the full float64 autograd gradient."""
+    c = kbench.Case(op, 40, 3, 2 if op == "kmv+bwd" else None)
+    (inputs,) = kbench.make_inputs(c, 1, torch.float64, torch.device("cpu"), seed=3)
+    full = kbench.with_backward(lambda *a: kbench.NAIVE[c.forward_op](*a, h=c.h))(*inputs)
+    ref = kbench.check_outputs(c, inputs, rows=7)
+    assert len(ref) == len(full)
+    for r, f in zip(ref, full):
+        assert r.shape[0] == 7 and torch.allclose(r, f[:7].double(), rtol=1e-9, atol=1e-12)
+
+
+def test_default_cuda_grid_is_the_issues(kbench):
+    """kmv at d = 3, 64, 784, 3072 and N = M from 1k to 1M, every op forward and backward, the floor cap
+    leaving out what an H100-like device cannot do in a second."""
+    import argparse
+    args = argparse.Namespace(quick=False, device="cuda", dtype="float32", sizes=None, dims=None, E=None,
+                              repeats=None, warmup=None, max_dense_gb=None, max_seconds=None, max_floor_ms=None,
+                              ops=kbench.OPS)
+    grid = kbench.resolve_settings(args)
+    cases = kbench.build_cases(args, grid)
+    kmv = {(c.M, c.d) for c in cases if c.op == "kmv"}
+    assert {(M, 3) for M in (1024, 10_000, 100_000, 1_048_576)} <= kmv and {3, 64, 784, 3072} <= {d for _, d in kmv}
+    assert {c.op for c in cases} == set(kbench.OPS)
+    assert kbench.Case("stein", 4096, 3072, None) in cases and kbench.Case("gram+stein", 4096, 3072, None) in cases
+    h100 = {"bandwidth_bytes_per_s": 3e12, "matmul_flops_per_s": {"float32": 5e13, "tf32": 4e14},
+            "exp_per_s": {"float32": 4e12}}
+    kept, left_out = kbench.cap_by_floor(cases, h100, torch.float32, args.max_floor_ms)
+    assert kbench.Case("kmv", 1_048_576, 3, 4) in kept and kbench.Case("stein", 4096, 3072, None) in kept
+    assert {"op": "kmv", "M": 1_048_576, "d": 3072, "E": 4} in [{k: c[k] for k in ("op", "M", "d", "E")}
+                                                                 for c in left_out]
+
+
+def test_default_cpu_grid_is_the_documented_one(kbench):
+    import argparse
+    args = argparse.Namespace(quick=False, device="cpu", dtype="float32", sizes=None, dims=None, E=None,
+                              repeats=None, warmup=None, max_dense_gb=None, max_seconds=None, max_floor_ms=None,
+                              ops=kbench.OPS)
+    cases = kbench.build_cases(args, kbench.resolve_settings(args))
+    for op in ("kmv", "stein", "gram+stein", "kmv+bwd", "stein+bwd"):
+        assert {(c.M, c.d) for c in cases if c.op == op} == {(M, d) for M in (1024, 4096, 8192) for d in (3, 64)}
+    for op in ("sge", "sge+bwd"):  # the O(M^3) dense solve stops at 4096
+        assert {(c.M, c.d) for c in cases if c.op == op} == {(M, d) for M in (1024, 2048, 4096) for d in (3, 64)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_benchmark_gpu_smoke(tmp_path):
+    data = _run(["benchmarks/kernels.py", "--device", "cuda", "--quick", "--ops", "kmv,stein,gram+stein,sge,kmv+bwd",
+                 "--backends", "cuda,triton,naive,keops,cublas_matmul", "--repeats", "2"], tmp_path)
+    peaks = data["roofline"]["peaks"]
+    assert {"float32", "tf32"} <= set(peaks["matmul_flops_per_s"]) and peaks["exp_source"]["float32"]
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["op"] for r in ok} == {"kmv", "stein", "gram+stein", "sge", "kmv+bwd"}
+    assert all(r["floor_fraction"] > 0 for r in ok)
+    assert not [r for r in data["rows"] if r["status"] == "MISMATCH"]

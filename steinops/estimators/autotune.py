@@ -11,12 +11,23 @@ KEF / Landweber / nu, ``eig_mass`` of the SSGE; ``ScoreEstimator.knob``), the ba
 the median distance. With few samples one split is noisy, so the objective is averaged over ``folds``
 disjoint held-out parts (K-fold; 4 folds up to M = 2048, 1 above).
 
+Leave-one-out. On a fresh search the default criterion is exact leave-one-out where it is affordable:
+each candidate is scored at every x_i by its fit on the other M - 1 samples. For the SGE this costs one
+dense fit (``stein_loo.py``: Li & Turner's prediction at x_i from the other samples *is* the in-sample
+estimate G_i, so the criterion estimates exactly the in-sample error); for the other estimators it costs M
+refits (one batched fit of M sets of M - 1), done up to ``LOO_MAX`` samples per set. With 4 folds of 32
+points at M = 128 the fold-to-fold variation picked candidates 2.4x worse than the in-sample oracle
+(nu-method on the two-mode toy) and 1.9x (SSGE on the spiral); leave-one-out picked the oracle's candidate
+on the same samples (``benchmarks/accuracy.py``).
+
 Selection with an anchor. The per-point objective differences between a candidate and an *anchor*
 (the estimator's default on a fresh search, the previous choice on a warm start) are paired, so
 their standard error is known; the best candidate replaces the anchor only when it is better by more
 than ``se_rule`` standard errors. Held-out noise then cannot pull a good default away (the two-mode
-toy at M = 128 lost 30% to such noise before), while a clearly better choice (manifold data,
-checkerboards, d = 50) still wins.
+toy at M = 128 lost 30% to K-fold noise before), while a clearly better choice (manifold data,
+checkerboards, d = 50) still wins. Leave-one-out needs no anchor (``se_rule`` 0 by default): on the 54
+cases of ``benchmarks/accuracy.py`` at M = 128 plain argmin was as good or better in every case, and the
+anchor kept the SSGE's default on the moons and the spiral (1.7x and 1.9x the oracle instead of 1.0x).
 
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
 previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the
@@ -41,8 +52,12 @@ from ..bandwidth import MEDIAN_FACTOR, median_distance
 from .. import _checks
 
 BANDWIDTH_MULTS = (0.5, 1.0, 2.0, 4.0)
+LOO_MAX = 128  # leave-one-out by refits costs M fits of M - 1 points per candidate: O(M^4) for dense solvers
+LOO_CHUNK_ENTRIES = 2**24  # Gram entries per batched leave-one-out fit (memory bound)
+CRITERIA = ("auto", "loo", "kfold")
 WARM_BANDWIDTH_STEPS = (2**-0.5, 1.0, 2**0.5)
-SE_RULE = 1.0
+SE_RULE = 1.0  # K-fold (the anchor rule); leave-one-out uses LOO_SE_RULE
+LOO_SE_RULE = 0.0
 
 
 class AutoTune:
@@ -52,12 +67,14 @@ class AutoTune:
         warm_start: after the first fit, search only around the previous choice (1 split, 9 fits).
         tune_every: re-tune at every n-th fit only; in between reuse the chosen bandwidth multiple
             (times the new median distance) and knob. For refits on fresh batches in a training loop.
-        folds, holdout, se_rule: as for ``tune`` (folds None: 4 up to M = 2048, else 1).
+        criterion, folds, holdout, se_rule: as for ``tune`` (criterion "auto": leave-one-out on a fresh
+            search where it has a closed form (SGE) or M <= ``LOO_MAX``, else K-fold; folds None: 4 up to
+            M = 2048, else 1).
         seed: seed of the random splits (None: torch's global generator).
     """
 
-    def __init__(self, *, warm_start: bool = False, tune_every: int = 1, folds: int | None = None,
-                 holdout: float = 0.25, se_rule: float = SE_RULE, seed: int | None = None):
+    def __init__(self, *, warm_start: bool = False, tune_every: int = 1, criterion: str = "auto",
+                 folds: int | None = None, holdout: float = 0.25, se_rule: float | None = None, seed: int | None = None):
         if not isinstance(warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
         if isinstance(tune_every, bool) or not isinstance(tune_every, int) or tune_every < 1:
@@ -66,12 +83,26 @@ class AutoTune:
             raise ValueError(f"folds must be None or a positive int, got {folds!r}")
         if not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
-        self.se_rule = _checks.positive_number("se_rule", se_rule) if se_rule != 0 else 0.0
+        self.se_rule = _check_se_rule(se_rule)
+        self.criterion = _check_criterion(criterion)
         self.warm_start, self.tune_every, self.folds, self.holdout, self.seed = warm_start, tune_every, folds, holdout, seed
 
     def __repr__(self):
-        return (f"AutoTune(warm_start={self.warm_start}, tune_every={self.tune_every}, folds={self.folds}, "
+        return (f"AutoTune(warm_start={self.warm_start}, tune_every={self.tune_every}, criterion={self.criterion!r}, "
+                f"folds={self.folds}, "
                 f"holdout={self.holdout}, se_rule={self.se_rule}, seed={self.seed})")
+
+
+def _check_se_rule(se_rule) -> float | None:
+    if se_rule is None or se_rule == 0:
+        return se_rule if se_rule is None else 0.0
+    return _checks.positive_number("se_rule", se_rule)
+
+
+def _check_criterion(criterion) -> str:
+    if not isinstance(criterion, str) or criterion.lower() not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    return criterion.lower()
 
 
 def divergence(g: torch.Tensor, z: torch.Tensor, *, exact_div_max: int = 16, n_probes: int = 4,
@@ -103,6 +134,35 @@ def heldout_objective(est, xb: torch.Tensor, **div_kw) -> torch.Tensor:
     return heldout_terms(est, xb, **div_kw).mean(-1)
 
 
+def has_closed_form_loo(est, x: torch.Tensor) -> bool:
+    """Whether ``est`` gives its leave-one-out terms on x from one fit (``est.closed_form_loo``)."""
+    check = getattr(est, "closed_form_loo_fits", None)
+    return check is not None and check(x)
+
+
+def loo_terms(est, x: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out Hyvarinen terms (..., M): for each i, ``est`` (bandwidth and knob tensors of shape (...))
+    fitted on the samples other than x_i and evaluated at x_i. In closed form where the estimator has one,
+    else M refits run as batched fits of sets (..., chunk, M - 1, d), at most ``LOO_CHUNK_ENTRIES`` Gram
+    entries at a time."""
+    if has_closed_form_loo(est, x):
+        return est.closed_form_loo(x.detach())
+    batch, M = x.shape[:-2], x.shape[-2]
+    others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, M)]) for i in range(M)]).to(x.device)
+    per_set = max(1, math.prod(batch)) * (M - 1) ** 2
+    chunk = max(1, LOO_CHUNK_ENTRIES // per_set)
+    knob = est.knob if est.knob is not None and isinstance(getattr(est, est.knob), torch.Tensor) else None
+    out = []
+    for lo in range(0, M, chunk):
+        rows = torch.arange(lo, min(M, lo + chunk), device=x.device)
+        n = rows.numel()
+        spread = lambda t: t[..., None].expand(*batch, n)  # noqa: E731  (...) -> (..., n): one per left-out set
+        c = est.candidate(spread(est.bandwidth), spread(getattr(est, knob)) if knob else None)
+        fitted = c.fit(x.detach()[..., others[rows], :])  # (..., n, M - 1, d)
+        out.append(heldout_terms(fitted, x.detach()[..., rows, None, :])[..., 0])  # (..., n)
+    return torch.cat(out, -1)
+
+
 def _splits(x, holdout, folds, generator):
     M = x.shape[-2]
     nb = min(M - 2, max(1, round(holdout * M)))
@@ -127,7 +187,7 @@ def _neighbours(grid, value):
 
 def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = None,
          bandwidth_mults=BANDWIDTH_MULTS, knob_values=None, previous: dict | None = None,
-         se_rule: float = SE_RULE, generator: torch.Generator | None = None):
+         se_rule: float | None = None, criterion: str = "auto", generator: torch.Generator | None = None):
     """Choose the bandwidth (a multiple of the median distance) and the estimator's knob per sample set.
 
     Args:
@@ -135,10 +195,14 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             when it is "auto" and held fixed otherwise. ``est.knob_grid(M)`` gives the knob's grid
             and ``est.knob_default()`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
+        criterion: "loo" (exact leave-one-out: closed form for the SGE, else M batched refits per
+            candidate), "kfold" (``folds`` held-out parts), or "auto": on a fresh search leave-one-out where
+            it has a closed form or M <= ``LOO_MAX``, else K-fold (a warm start uses one held-out split).
         folds: number of disjoint held-out parts (default 4 for M <= 2048, else 1; 1 on a warm start).
         bandwidth_mults, knob_values: the grid (knob_values overrides ``est.knob_grid``).
         previous: a previous result of ``tune`` for the same batch shape: warm start (see the module).
-        se_rule: the best candidate must beat the anchor by this many standard errors.
+        se_rule: the best candidate must beat the anchor by this many standard errors (None: ``SE_RULE``
+            with K-fold, ``LOO_SE_RULE`` with leave-one-out).
 
     Returns:
         dict with ``bandwidth`` and ``bandwidth_mult`` (...), the knob (...) when it is tuned, and
@@ -147,11 +211,16 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     batch, M = x.shape[:-2], x.shape[-2]
+    if M < 3:
+        raise ValueError(f"x needs at least 3 points per set to hold some out, got {M}")
     if previous is not None and previous["bandwidth_mult"].shape != batch:
         previous = None  # a different batch shape: start afresh
     warm = previous is not None
+    criterion = _check_criterion(criterion)
+    use_loo = criterion == "loo" or (criterion == "auto" and not warm
+                                     and (M <= LOO_MAX or has_closed_form_loo(est, x)))
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds
-    splits = _splits(x, holdout, folds, generator)
+    splits = None if use_loo else _splits(x, holdout, folds, generator)
     med = median_distance(x)
     knob = est.knob if est.knob_is_auto() else None
     full = lambda v: torch.full(batch, float(v), dtype=x.dtype, device=x.device)  # noqa: E731
@@ -171,8 +240,10 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         cand = est.candidate(mult * med, val)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            t = [heldout_terms(cand.fit(xa), xb) for xa, xb in splits]
-        t = torch.cat(t, -1)  # (..., held-out points over all folds)
+            if use_loo:
+                t = loo_terms(cand, x)  # (..., M)
+            else:
+                t = torch.cat([heldout_terms(cand.fit(xa), xb) for xa, xb in splits], -1)  # (..., held-out points)
         terms.append(torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf"))))
     terms = torch.stack(terms)  # (C, ..., n)
     means = terms.mean(-1)  # (C, ...)
@@ -182,6 +253,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     n = diff.shape[-1]
     se = diff.std(-1) / math.sqrt(max(1, n - 1)) if n > 1 else torch.zeros_like(diff[..., 0])
     gain = diff.mean(-1)
+    if se_rule is None:
+        se_rule = LOO_SE_RULE if use_loo else SE_RULE
     take = torch.isfinite(gain) & (gain < -se_rule * se)
     take = take | ~torch.isfinite(means[0])  # a broken anchor (e.g. NaN fit) never wins
     chosen = torch.where(take, best, torch.zeros_like(best))

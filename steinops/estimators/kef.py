@@ -70,6 +70,7 @@ import numbers
 
 import torch
 
+from .. import _checks
 from ..ops.gram import gram
 from ..ops.kernel_matvec import kernel_matvec
 from ..ops.stein_term import stein_term
@@ -77,6 +78,7 @@ from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import ETA_GRID
+from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
@@ -243,6 +245,18 @@ class KEFScoreEstimator(_KScoreBase):
 
     def knob_default(self):
         return DEFAULT_LAM
+
+    def closed_form_loo_fits(self, x) -> bool:
+        """In-sample KEF with a diagonal kernel is the SGE with eta = M lam, so the SGE's closed-form
+        leave-one-out (``stein_loo.py``) estimates its in-sample error from one dense fit."""
+        return not self.curl_free and dense_fits(x) and isinstance(self.bandwidth, torch.Tensor)
+
+    def closed_form_loo(self, x):
+        """Leave-one-out Hyvarinen terms (..., M) of this (unfitted) candidate's in-sample estimate."""
+        batch, M = x.shape[:-2], x.shape[-2]
+        lam = self._check_knob(self.knob_default() if isinstance(self.lam, str) else self.lam, batch, x)
+        h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
+        return sge_loo_terms(x, h, M * lam, self.kernel.name)
 
     def _fit(self, xc, h):
         *batch, M, d = xc.shape
