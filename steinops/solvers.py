@@ -49,6 +49,99 @@ def cholesky_solve_jitter(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tenso
     return L, torch.cholesky_solve(B, L)
 
 
+def _spd_solve_grads(L, X, gX, need_A: bool, need_B: bool, A_shape, B_shape):
+    """Gradients of ``X = A^{-1} B`` (A = L L^T symmetric positive definite) from the upstream ``gX``::
+
+        lam = A^{-1} gX   (two triangular solves with the saved L: O(M^2 E))
+        dB  = lam,        dA = -sym(lam X^T) = -(lam X^T + X lam^T) / 2   (O(M^2 E))
+
+    The symmetric part is the gradient for symmetric A (e.g. ``K + eta I`` built from x): no O(M^3) work.
+    Broadcast batch dims are summed back to the input shapes."""
+    lam = torch.cholesky_solve(gX, L)
+    dA = dB = None
+    if need_A:
+        # lam X^T + X lam^T as one product with inner dim 2E: the M x M result is written once
+        U = torch.cat([lam, X], -1).mul_(-0.5)
+        dA = U @ torch.cat([X, lam], -1).transpose(-1, -2)
+        if dA.shape != A_shape:
+            dA = dA.sum_to_size(A_shape)
+    if need_B:
+        dB = lam if lam.shape == B_shape else lam.sum_to_size(B_shape)
+    return dA, dB
+
+
+class _SPDSolve(torch.autograd.Function):
+    """``(L, X) = cholesky_solve_jitter(A, B)`` with the O(M^2 E) backward of ``_spd_solve_grads``."""
+
+    @staticmethod
+    def forward(ctx, A, B):
+        # grad mode is off in here, so small CPU systems take the compiled factor-and-solve pass
+        L, X = cholesky_solve_jitter(A, B)
+        ctx.mark_non_differentiable(L)
+        ctx.save_for_backward(L, X)
+        ctx.shapes = (A.shape, B.shape)
+        return L, X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # L is saved as a constant: a second derivative would miss its terms
+    def backward(ctx, gL, gX):
+        L, X = ctx.saved_tensors
+        return _spd_solve_grads(L, X, gX, ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.shapes)
+
+
+class _FactoredSolve(torch.autograd.Function):
+    """``X = cholesky_solve(B, L)`` with L the factor of A; A only carries the gradient."""
+
+    @staticmethod
+    def forward(ctx, A, L, B):
+        L = L.detach()
+        X = torch.cholesky_solve(B, L)
+        ctx.save_for_backward(L, X)
+        ctx.shapes = (A.shape, B.shape)
+        return X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gX):
+        L, X = ctx.saved_tensors
+        dA, dB = _spd_solve_grads(L, X, gX, ctx.needs_input_grad[0], ctx.needs_input_grad[2], *ctx.shapes)
+        return dA, None, dB
+
+
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, X)``: the lower Cholesky factor L of the symmetric positive definite ``A`` (..., M, M) and the
+    solution of ``A X = B`` (B (..., M, E)), differentiable in A and B without differentiating the Cholesky.
+
+    Forward as ``cholesky_solve_jitter`` (jitter escalation with its warning; the compiled pass for small
+    CPU systems). Backward from the saved L in O(M^2 E), with ``gX`` the gradient of X::
+
+        lam = A^{-1} gX,   dB = lam,   dA = -(lam X^T + X lam^T) / 2
+
+    (for ``A = K + eta I`` autograd then gives ``d eta = trace(dA) = -sum(lam * X)`` per batch element).
+    dA is the gradient for symmetric A, i.e. correct whenever A is built symmetric (e.g. a kernel matrix).
+    L is a non-differentiable output (for reuse: ``spd_solve_with_factor``, ``torch.cholesky_solve``). When
+    jitter was added, X and the gradients are those of the jittered system ``A + jitter I`` (jitter constant).
+    First derivatives only (double backward raises). Without a gradient to compute this is
+    ``cholesky_solve_jitter(A, B)``.
+    """
+    if not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        return cholesky_solve_jitter(A, B)
+    return _SPDSolve.apply(A, B)
+
+
+def spd_solve_with_factor(A: torch.Tensor, L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``X = A^{-1} B`` (B (..., M, E)) from the factor ``L`` of A (..., M, M), e.g. from ``spd_solve``.
+
+    A is not read in the forward: it carries the gradient, ``dA = -(lam X^T + X lam^T) / 2`` and
+    ``dB = lam = A^{-1} gX``, both O(M^2 E) from L (the gradient wrt A is the one of the system L factors,
+    jittered or not). L itself is treated as a constant; first derivatives only. Without a gradient:
+    ``torch.cholesky_solve(B, L)``.
+    """
+    if not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        return torch.cholesky_solve(B, L)
+    return _FactoredSolve.apply(A, L, B)
+
+
 def cholesky_jitter(A: torch.Tensor, *, max_tries: int = 8) -> torch.Tensor:
     """Lower Cholesky factor of the symmetric ``A`` (..., M, M), adding jitter where it fails.
 

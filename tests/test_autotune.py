@@ -132,7 +132,7 @@ def test_warm_start_and_tune_every_cut_the_cost(monkeypatch):
     from steinops.estimators.autotune import AutoTune
     dist = _mixture(3)
     calls = _count_fits(monkeypatch)
-    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, tune_every=2, seed=0))
+    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, tune_every=2, seed=0, criterion="kfold"))
     est.fit(dist.sample(300, 0.3))
     cold = len(calls) - 1  # 4 folds x (anchor + 4 x 6 grid)
     assert cold == 4 * 25
@@ -148,10 +148,22 @@ def test_warm_start_and_tune_every_cut_the_cost(monkeypatch):
     assert min(abs(ratio - r) for r in (2**-0.5, 1.0, 2**0.5)) < 1e-9
 
 
-def test_warm_start_follows_a_changing_distribution():
+def test_closed_form_loo_needs_no_refits(monkeypatch):
+    # the SGE's leave-one-out criterion comes from one dense computation per candidate: the only fit is the final one
+    calls = _count_fits(monkeypatch)
+    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True))
+    est.fit(_mixture(3).sample(300, 0.3))
+    assert len(calls) == 1
+    calls.clear()
+    est.fit(_mixture(3).sample(300, 0.3))  # warm start: leave-one-out too
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("criterion", ["auto", "kfold"])
+def test_warm_start_follows_a_changing_distribution(criterion):
     # scores stay accurate while the data scale drifts 8x over 4 refits with warm starts only
     from steinops.estimators.autotune import AutoTune
-    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, seed=1))
+    est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, seed=1, criterion=criterion))
     base = two_mode_mixture(2)
     for scale in (1.0, 2.0, 4.0, 8.0):
         x = base.sample(400, 0.5) * scale

@@ -31,9 +31,10 @@ anchor kept the SSGE's default on the moons and the spiral (1.7x and 1.9x the or
 
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
 previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the
-neighbouring knob values on the grid), with one held-out split, anchored at the previous choice:
-9 fits instead of 4 folds x ~25 candidates. ``ScoreEstimator(tune_every=n)`` goes further and reuses
-the chosen multiple and knob for n - 1 fits in between.
+neighbouring knob values on the grid), with one held-out split (or the closed-form leave-one-out of the
+SGE / diagonal KEF), anchored at the previous choice: 9 fits instead of 4 folds x ~25 candidates.
+``ScoreEstimator(tune_every=n)`` goes further and reuses the chosen multiple and knob for n - 1 fits in
+between.
 
 The divergence is exact (d backward passes) for d <= ``exact_div_max`` and a Hutchinson estimate with
 Rademacher probes above. Each sample set of a batch (e.g. each noise level) gets its own choice; each
@@ -134,6 +135,11 @@ def heldout_objective(est, xb: torch.Tensor, **div_kw) -> torch.Tensor:
     return heldout_terms(est, xb, **div_kw).mean(-1)
 
 
+def has_closed_form_loo_for(est, x: torch.Tensor) -> bool:
+    """Whether candidates of ``est`` (numeric bandwidths) have a closed-form leave-one-out on x."""
+    return has_closed_form_loo(candidate(est, torch.ones(x.shape[:-2], dtype=x.dtype, device=x.device), None), x)
+
+
 def has_closed_form_loo(est, x: torch.Tensor) -> bool:
     """Whether ``est`` gives its leave-one-out terms on x from one fit (``est.closed_form_loo``)."""
     check = getattr(est, "closed_form_loo_fits", None)
@@ -196,8 +202,9 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             and ``est.knob_default()`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
         criterion: "loo" (exact leave-one-out: closed form for the SGE, else M batched refits per
-            candidate), "kfold" (``folds`` held-out parts), or "auto": on a fresh search leave-one-out where
-            it has a closed form or M <= ``LOO_MAX``, else K-fold (a warm start uses one held-out split).
+            candidate), "kfold" (``folds`` held-out parts), or "auto": leave-one-out where it has a closed
+            form (also on warm starts), else on a fresh search for M <= ``LOO_MAX``, else K-fold (a warm
+            start then uses one held-out split).
         folds: number of disjoint held-out parts (default 4 for M <= 2048, else 1; 1 on a warm start).
         bandwidth_mults, knob_values: the grid (knob_values overrides ``est.knob_grid``).
         previous: a previous result of ``tune`` for the same batch shape: warm start (see the module).
@@ -217,8 +224,9 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         previous = None  # a different batch shape: start afresh
     warm = previous is not None
     criterion = _check_criterion(criterion)
-    use_loo = criterion == "loo" or (criterion == "auto" and not warm
-                                     and (M <= LOO_MAX or has_closed_form_loo(est, x)))
+    # closed-form leave-one-out is cheaper than a held-out split (no divergence passes), so warm starts use it too
+    use_loo = criterion == "loo" or (criterion == "auto" and (has_closed_form_loo_for(est, x)
+                                                              or (not warm and M <= LOO_MAX)))
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds
     splits = None if use_loo else _splits(x, holdout, folds, generator)
     med = median_distance(x)

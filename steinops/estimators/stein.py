@@ -28,7 +28,7 @@ from ..ops.gram import gram
 from ..ops.stein_term import stein_term
 from ..ops.backends import resolve as resolve_backend
 from ..preconditioners import DEFAULT_RANK, check_preconditioner, check_rank, kernel_preconditioner
-from ..solvers import cholesky_solve_jitter, small_cpu_system
+from ..solvers import small_cpu_system, spd_solve, spd_solve_with_factor
 from ._kernel_system import kernel_solve
 from .stein_loo import sge_loo_terms
 from .base import ScoreEstimator, dense_fits, register
@@ -129,6 +129,7 @@ class SteinScoreEstimator(ScoreEstimator):
             solver = "cholesky" if dense_fits(xc) else "cg"
         self.solver_, self.eta_ = solver, eta
         self.cg_iterations_ = self.cg_residuals_ = self.preconditioner_ = None
+        self._A = None  # K + eta I as an autograd handle, kept only by a dense fit that needs a gradient
         if solver == "cholesky" and _fused_small_fit(xc, h, eta, self.kernel.name, self.backend):
             kid = 0 if self.kernel.name == "rbf" else 1
             L, G, info = torch.ops.steinops_C.sge_small(xc.reshape(-1, M, xc.shape[-1]).contiguous(),
@@ -139,7 +140,12 @@ class SteinScoreEstimator(ScoreEstimator):
         if solver == "cholesky":
             K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
             A = K + eta[..., None, None] * torch.eye(M, dtype=K.dtype, device=K.device)
-            self._L, X = cholesky_solve_jitter(A, S)
+            # With a gradient to compute, spd_solve's backward reuses the factor (O(M^2 d)) instead of
+            # differentiating the Cholesky (O(M^3)); without one it is cholesky_solve_jitter. Its L carries no
+            # gradient, so predict's solves take theirs through A (spd_solve_with_factor).
+            self._L, X = spd_solve(A, S)
+            if A.requires_grad:
+                self._A = A
             return -X
         S = stein_term(xc, kernel=self.kernel, bandwidth=h, backend=self.backend)
         name = self.preconditioner
@@ -166,7 +172,8 @@ class SteinScoreEstimator(ScoreEstimator):
 
     def _solve(self, B):
         if self.solver_ == "cholesky":
-            return torch.cholesky_solve(B, self._L)
+            A = getattr(self, "_A", None)
+            return torch.cholesky_solve(B, self._L) if A is None else spd_solve_with_factor(A, self._L, B)
         return kernel_solve(self._x, B, self.bandwidth_, self.eta_, kernel=self.kernel, backend=self.backend,
                             rtol=self.cg_rtol, max_iter=self.cg_max_iter, preconditioner=self.preconditioner_)
 
