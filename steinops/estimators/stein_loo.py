@@ -28,7 +28,12 @@ def sge_loo_terms(x: torch.Tensor, h: torch.Tensor, eta: torch.Tensor, kernel="r
     """Per-point leave-one-out Hyvarinen terms ``1/2 |G_i|^2 + tr_i`` of the SGE; returns (..., M).
 
     x (..., M, d) samples; h, eta (...) bandwidth and ridge per sample set. Dense: O(M^2) memory, O(M^3) time.
+    Computed in float64 whatever the input dtype: the traces cancel large terms of the explicit inverse,
+    and in float32 the choices they led to were 1.5x worse (mean error 0.175 against 0.113; SGE, 8 noise levels
+    x M = 512 of the 2-D gmm, 10 refits).
     """
+    out_dtype = x.dtype
+    x, h, eta = x.double(), h.double(), eta.double()
     prof = get_kernel(kernel)
     x = x - x.mean(-2, keepdim=True)
     M, d = x.shape[-2], x.shape[-1]
@@ -51,4 +56,4 @@ def sge_loo_terms(x: torch.Tensor, h: torch.Tensor, eta: torch.Tensor, kernel="r
     c = (4 * d2 * r2 + 2 * d * d1) * (1 - eye)
     t2 = (P * c).sum(-1) - Pd * c.sum(-1)
     tr = -(2 * Pd * t1a + 2 * t1b + t2)
-    return 0.5 * (G * G).sum(-1) + tr
+    return (0.5 * (G * G).sum(-1) + tr).to(out_dtype)
