@@ -105,7 +105,7 @@ def main(argv=None):
                    help="auto's selection criterion (AutoTune(criterion=...); default: leave-one-out where affordable)")
     p.add_argument("--se-rule", type=float, default=None,
                    help="auto's anchor rule: the best candidate must beat the default by this many standard errors "
-                        "(default: 1 with K-fold, 0 with leave-one-out)")
+                        "(default: 0 with leave-one-out by refits, else 1)")
     p.add_argument("--quick", action="store_true", help="tiny grid: smoke test")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     a = p.parse_args(argv)
