@@ -157,7 +157,7 @@ class SpectralScoreEstimator(ScoreEstimator):
         self.eig_mass_ = mass
         mask = self._mask(lam, mass)
         inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-        W = U.transpose(-1, -2) @ S  # (..., M, d): u_j^T S
+        W = (S.transpose(-1, -2) @ U).transpose(-1, -2)  # (..., M, d): u_j^T S (U^T S takes a slow matmul path)
         self.eigenvalues_, self.eigenvectors_, self.eigen_mask_ = lam, U, mask
         self.n_eigen_ = mask.sum(-1)
         self.beta_ = -inv[..., None] * W / math.sqrt(M)

@@ -40,6 +40,13 @@ def _gram_setup_context(ctx, inputs, output):
     ctx.kernel, ctx.stein = kernel, stein
 
 
+def _tmatmul(A: Tensor, B: Tensor) -> Tensor:
+    """``A^T B`` for a square A (b, M, M) and a narrow B (b, M, E), as ``(B^T A)^T``: batched matmul with a
+    transposed square operand and few columns takes a slow path (M = 1024, E = 3, one CPU thread: 4.3 ms
+    against 0.2 ms)."""
+    return (B.transpose(1, 2) @ A).transpose(1, 2)
+
+
 def _gram_backward(ctx, gK, gS):
     x, y, h, K, S = ctx.saved_tensors
     prof = kernel_by_id(ctx.kernel)
@@ -53,9 +60,9 @@ def _gram_backward(ctx, gK, gS):
         kpp = prof.deriv2_of_value(K, hb)
         C = C + 2 * kpp * (gS @ y.transpose(1, 2) - (gS * x).sum(-1, keepdim=True))
         dx = dx - 2 * kp.sum(-1, keepdim=True) * gS
-        dy = dy + 2 * kp.transpose(1, 2) @ gS
+        dy = dy + 2 * _tmatmul(kp, gS)
     dx = dx + 2 * (C.sum(-1, keepdim=True) * x - C @ y)
-    dy = dy + 2 * (C.sum(-2).unsqueeze(-1) * y - C.transpose(1, 2) @ x)
+    dy = dy + 2 * (C.sum(-2).unsqueeze(-1) * y - _tmatmul(C, x))
     dh = None
     if ctx.needs_input_grad[2]:
         scale = (x * dx).sum((1, 2)) + (y * dy).sum((1, 2))
