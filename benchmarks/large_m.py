@@ -80,12 +80,11 @@ def parse_config(text: str) -> tuple[str, int | None]:
 
 
 def find_mnist(root: str | None) -> Path | None:
+    """The folder holding MNIST's IDX files: ``root``, else ../shared/data/mnist (None when absent)."""
     bases = [Path(root)] if root else [REPO.parent / "shared" / "data" / "mnist", REPO / "shared" / "data" / "mnist"]
     for base in bases:
-        for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
-            for name in (stem, stem + ".gz"):
-                if (base / name).is_file():
-                    return base / name
+        if any(base.glob("*-images-idx3-ubyte*")):
+            return base
     return None
 
 
@@ -93,11 +92,12 @@ def make_data(M: int, d: int, sigma: float, mnist: Path | None, seed: int) -> tu
     """(M, d) float64 samples on the CPU and a description."""
     g = torch.Generator().manual_seed(seed)
     if d == 784 and mnist is not None:
-        from steinops.data.idx import read_idx
-        imgs = torch.from_numpy(read_idx(mnist).astype("float32")).reshape(-1, 784).double() / 255
+        from steinops.data import load_mnist
+        data = load_mnist(mnist)  # scaled to [0, 1]; every split found, train and held-out parts together
+        imgs = torch.cat([data.train, data.heldout]).reshape(-1, 784).double()
         idx = torch.randint(0, imgs.shape[0], (M,), generator=g)
         return imgs[idx] + sigma * torch.randn(M, d, generator=g, dtype=torch.float64), \
-            f"MNIST {mnist.name} ({imgs.shape[0]} images, drawn with replacement) + N(0, {sigma}^2) noise"
+            f"MNIST in {mnist} ({imgs.shape[0]} images, drawn with replacement) + N(0, {sigma}^2) noise"
     from steinops.distributions import random_gmm, random_subspace_gmm
     if d <= 16:
         return random_gmm(d, 4, seed=seed).sample(M, sigma, generator=g), \
