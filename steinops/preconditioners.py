@@ -49,21 +49,22 @@ PRECONDITIONERS = ("pivchol", "nystrom")
 DEFAULT_RANK = 200
 
 
-def check_rank(rank) -> int:
-    """``rank`` as a positive int (TypeError / ValueError naming it otherwise)."""
+def check_rank(rank, what: str = "rank") -> int:
+    """``rank`` as a positive int (TypeError / ValueError naming it as ``what`` otherwise)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"rank must be a positive int, got {type(rank).__name__} {rank!r}")
+        raise TypeError(f"{what} must be a positive int, got {type(rank).__name__} {rank!r}")
     if int(rank) < 1:
-        raise ValueError(f"rank must be a positive int, got {rank}")
+        raise ValueError(f"{what} must be a positive int, got {rank}")
     return int(rank)
 
 
-def check_preconditioner(name):
-    """None or one of ``PRECONDITIONERS`` (lower-cased)."""
+def check_preconditioner(name, *, allow_auto: bool = False):
+    """None or one of ``PRECONDITIONERS`` (lower-cased); also "auto" when ``allow_auto``."""
     if name is None:
         return None
-    if not isinstance(name, str) or name.lower() not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be None or one of {PRECONDITIONERS}, got {name!r}")
+    choices = PRECONDITIONERS + (("auto",) if allow_auto else ())
+    if not isinstance(name, str) or name.lower() not in choices:
+        raise ValueError(f"preconditioner must be None or one of {choices}, got {name!r}")
     return name.lower()
 
 

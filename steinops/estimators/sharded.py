@@ -135,7 +135,7 @@ def sharded_stein_score(x_local: torch.Tensor, query_local: torch.Tensor | None 
     if prof.name not in ("rbf", "imq"):
         raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
     name = check_preconditioner(preconditioner)
-    precond_rank = check_rank(precond_rank)
+    precond_rank = check_rank(precond_rank, "precond_rank")
     if query_chunk is not None and (isinstance(query_chunk, bool) or not isinstance(query_chunk, int)
                                     or query_chunk < 1):
         raise ValueError(f"query_chunk must be None or a positive int, got {query_chunk!r}")

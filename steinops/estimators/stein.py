@@ -100,18 +100,8 @@ class SteinScoreEstimator(ScoreEstimator):
             _eta_tensor(eta, (), torch.zeros(()))  # checks numbers and "auto" now; tensors at fit
         self.eta, self.solver = eta, solver.lower()
         self.cg_rtol, self.cg_max_iter = cg_rtol, cg_max_iter
-        if isinstance(preconditioner, str) and preconditioner.lower() == "auto":
-            self.preconditioner = "auto"
-        else:
-            try:
-                self.preconditioner = check_preconditioner(preconditioner)
-            except ValueError:
-                raise ValueError(f"preconditioner must be None, 'auto', 'pivchol' or 'nystrom', "
-                                 f"got {preconditioner!r}") from None
-        try:
-            self.precond_rank = check_rank(precond_rank)
-        except (TypeError, ValueError) as e:
-            raise type(e)(str(e).replace("rank", "precond_rank", 1)) from None
+        self.preconditioner = check_preconditioner(preconditioner, allow_auto=True)
+        self.precond_rank = check_rank(precond_rank, "precond_rank")
 
     knob = "eta"
 
@@ -172,7 +162,7 @@ class SteinScoreEstimator(ScoreEstimator):
 
     def _solve(self, B):
         if self.solver_ == "cholesky":
-            A = getattr(self, "_A", None)
+            A = self._A  # set by every fit: None unless the dense fit kept a gradient handle
             return torch.cholesky_solve(B, self._L) if A is None else spd_solve_with_factor(A, self._L, B)
         return kernel_solve(self._x, B, self.bandwidth_, self.eta_, kernel=self.kernel, backend=self.backend,
                             rtol=self.cg_rtol, max_iter=self.cg_max_iter, preconditioner=self.preconditioner_)
