@@ -5,6 +5,7 @@ import torch
 import steinops
 from steinops.distributions import GaussianMixture, two_mode_mixture
 from steinops.distributions import get_distribution
+from steinops.estimators import autotune
 from steinops.estimators.autotune import AutoTune, divergence, heldout_objective, heldout_terms, loo_terms, tune
 
 from conftest import relative_fisher_error
@@ -134,8 +135,8 @@ def test_warm_start_and_tune_every_cut_the_cost(monkeypatch):
     calls = _count_fits(monkeypatch)
     est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, tune_every=2, seed=0, criterion="kfold"))
     est.fit(dist.sample(300, 0.3))
-    cold = len(calls) - 1  # 4 folds x (anchor + 4 x 6 grid)
-    assert cold == 4 * 25
+    cold = len(calls) - 1  # repeats x 4 folds x (anchor + 4 x 6 grid)
+    assert cold == autotune.KFOLD_REPEATS * 4 * 25
     first = est.tuned_
     calls.clear()
     est.fit(dist.sample(300, 0.3))  # 2nd fit: reuse (tune_every=2)
@@ -180,6 +181,10 @@ def test_autotune_bad_settings():
         AutoTune(warm_start=1)
     with pytest.raises(ValueError, match="folds"):
         AutoTune(folds=0)
+    with pytest.raises(ValueError, match="repeats"):
+        AutoTune(repeats=0)
+    with pytest.raises(ValueError, match="repeats"):
+        AutoTune(repeats=True)
     with pytest.raises(ValueError, match="holdout"):
         AutoTune(holdout=1.0)
     with pytest.raises(ValueError, match="lam"):
@@ -241,3 +246,34 @@ def test_criterion_checked():
         AutoTune(criterion="cv")
     with pytest.raises(ValueError, match="criterion"):
         tune(steinops.SteinScoreEstimator(), torch.randn(10, 2), criterion="LOOCV")
+
+
+# -- repeated K-fold -------------------------------------------------------------------------------
+def test_repeated_kfold_averages_each_point_over_its_held_out_fits():
+    x = _mixture(2).sample(2 * 113, 0.3).reshape(2, 113, 2)  # 2 sets of 113 points: 4 folds of 28 leave 1 out
+    est = steinops.score_estimator("nu", bandwidth=0.7, lam=1e-2)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    parts = [autotune._splits(x, 0.25, 4, g) for g in gens]
+    got = autotune.kfold_terms(est, parts)
+    total, count = torch.zeros(2, 113, dtype=x.dtype), torch.zeros(113)
+    for splits in parts:
+        assert len(splits) == 4
+        for xa, xb, held in splits:
+            assert xa.shape[-2] + xb.shape[-2] == 113 and held.numel() == 28
+            total[:, held] += heldout_terms(steinops.score_estimator("nu", bandwidth=0.7, lam=1e-2).fit(xa), xb)
+            count[held] += 1
+    seen = count > 0
+    assert got.shape == (2, int(seen.sum())) and int(seen.sum()) >= 112
+    torch.testing.assert_close(got, total[:, seen] / count[seen])
+
+
+def test_tune_runs_each_repeat(monkeypatch):
+    calls = _count_fits(monkeypatch)
+    est = steinops.score_estimator("ssge", bandwidth="auto")
+    x = _mixture(2).sample(200, 0.3)
+    tune(est, x, repeats=3, criterion="kfold")
+    n_cands = 1 + len(autotune.BANDWIDTH_MULTS) * len(est.knob_grid(200))
+    assert len(calls) == 3 * 4 * n_cands
+    calls.clear()
+    tune(est, x, criterion="kfold")  # default: KFOLD_REPEATS on a fresh search
+    assert len(calls) == autotune.KFOLD_REPEATS * 4 * n_cands
