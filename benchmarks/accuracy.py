@@ -60,18 +60,23 @@ def fisher(est: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((est.double() - exact) ** 2).sum() / (exact**2).sum())
 
 
-def evaluate(name, kwargs, x, q, sx, sq):
+def evaluate(name, kwargs, x, q, sx, sq, return_choice=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with torch.no_grad():
             est = steinops.score_estimator(name, **kwargs).fit(x)
-            return fisher(est.scores_, sx), fisher(est.predict(q), sq)
+            errors = fisher(est.scores_, sx), fisher(est.predict(q), sq)
+    if not return_choice:
+        return errors
+    tuned = {k: float(v) for k, v in (est.tuned_ or {}).items() if k not in ("bandwidth", "objective")}
+    return (*errors, tuned)
 
 
 def run_case(variant, x, q, sx, sq, auto=None):
     name, base_kw = parse_variant(variant)
     default_in, default_out = evaluate(name, base_kw, x, q, sx, sq)
-    auto_in, auto_out = evaluate(name, {**base_kw, "bandwidth": auto or "auto"}, x, q, sx, sq)
+    auto_in, auto_out, auto_params = evaluate(name, {**base_kw, "bandwidth": auto or "auto"}, x, q, sx, sq,
+                                              return_choice=True)
     # the oracle: the same candidates as "auto" (the default, then bandwidth multiples x the knob grid),
     # chosen by the in-sample error against the EXACT score
     proto = steinops.score_estimator(name, **base_kw)
@@ -79,16 +84,19 @@ def run_case(variant, x, q, sx, sq, auto=None):
     values = proto.knob_grid(x.shape[-2]) if knob else [None]
     med = float(median_distance(x))
     best = (default_in, default_out, {"default": True})
+    best_out = default_out
     for mult, val in itertools.product(BANDWIDTH_MULTS, values):
         kw = {**base_kw, "bandwidth": mult * med, **({knob: val} if knob else {})}
         try:
             e_in, e_out = evaluate(name, kw, x, q, sx, sq)
         except ValueError:
             continue
+        best_out = min(best_out, e_out)
         if e_in < best[0]:
             best = (e_in, e_out, {"bandwidth_mult": mult, **({knob: val} if knob else {})})
     return dict(default_in=default_in, default_out=default_out, auto_in=auto_in, auto_out=auto_out,
-                oracle_in=best[0], oracle_out=best[1], oracle_params=best[2])
+                auto_params=auto_params, oracle_in=best[0], oracle_out=best[1], oracle_params=best[2],
+                oracle_out_best=best_out)
 
 
 def main(argv=None):
@@ -106,6 +114,9 @@ def main(argv=None):
     p.add_argument("--se-rule", type=float, default=None,
                    help="auto's anchor rule: the best candidate must beat the default by this many standard errors "
                         "(default: 0 with leave-one-out by refits, else 1)")
+    p.add_argument("--probes", type=int, default=None,
+                   help="Rademacher probes of auto's Hutchinson trace (SURE without a closed form; default "
+                        f"{autotune.SURE_PROBES})")
     p.add_argument("--quick", action="store_true", help="tiny grid: smoke test")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     a = p.parse_args(argv)
@@ -140,7 +151,7 @@ def main(argv=None):
             torch.manual_seed(a.seed)  # auto's random splits: reproducible per case
             t = time.time()
             r = run_case(name, x.to(dtype), q.to(dtype), sx, sq,
-                         auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule))
+                         auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule, probes=a.probes))
             r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, seconds=time.time() - t)
             rows.append(r)
             print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "

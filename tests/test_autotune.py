@@ -80,8 +80,8 @@ KNOBBED = [("stein", "eta"), ("kef", "lam"), ("landweber", "lam"), ("nu", "lam")
 def test_every_estimator_tunes_its_knob_per_sample_set(name, knob):
     dist = two_mode_mixture(2)
     x = torch.stack([dist.sample(120, s) for s in (0.1, 2.0)])
-    kfold = AutoTune(criterion="kfold")  # fast; leave-one-out has its own tests below
-    est = steinops.score_estimator(name, bandwidth=kfold).fit(x)
+    sure = AutoTune(criterion="sure", probes=4)  # fast; leave-one-out and K-fold have their own tests below
+    est = steinops.score_estimator(name, bandwidth=sure).fit(x)
     assert est.tuned_[knob].shape == (2,) and est.tuned_["bandwidth"].shape == (2,)
     grid = set(est.knob_grid(x.shape[-2])) | {est.knob_default()}
     assert all(any(abs(float(v) - g) <= 1e-9 * g for g in grid) for v in est.tuned_[knob])
@@ -89,7 +89,7 @@ def test_every_estimator_tunes_its_knob_per_sample_set(name, knob):
     # a fixed knob is held fixed
     fixed = {"stein": dict(eta=0.5), "kef": dict(lam=1e-3), "landweber": dict(n_iter=7), "nu": dict(lam=0.01),
              "ssge": dict(eig_mass=0.95)}[name]
-    est = steinops.score_estimator(name, bandwidth=kfold, **fixed).fit(x)
+    est = steinops.score_estimator(name, bandwidth=sure, **fixed).fit(x)
     assert knob not in est.tuned_
 
 
@@ -135,8 +135,8 @@ def test_warm_start_and_tune_every_cut_the_cost(monkeypatch):
     calls = _count_fits(monkeypatch)
     est = steinops.SteinScoreEstimator(bandwidth=AutoTune(warm_start=True, tune_every=2, seed=0, criterion="kfold"))
     est.fit(dist.sample(300, 0.3))
-    cold = len(calls) - 1  # repeats x 4 folds x (anchor + 4 x 6 grid)
-    assert cold == autotune.KFOLD_REPEATS * 4 * 25
+    cold = len(calls) - 1  # repeats x 4 folds x (anchor + bandwidths x 6 eta values)
+    assert cold == autotune.KFOLD_REPEATS * 4 * (1 + len(autotune.BANDWIDTH_MULTS) * 6)
     first = est.tuned_
     calls.clear()
     est.fit(dist.sample(300, 0.3))  # 2nd fit: reuse (tune_every=2)
@@ -277,3 +277,63 @@ def test_tune_runs_each_repeat(monkeypatch):
     calls.clear()
     tune(est, x, criterion="kfold")  # default: KFOLD_REPEATS on a fresh search
     assert len(calls) == autotune.KFOLD_REPEATS * 4 * n_cands
+
+
+# -- in-sample SURE ----------------------------------------------------------------------------------
+def _coordinate_probes(shape):
+    """The M d probes e_(i,k): with them each point's Hutchinson term is its own diagonal block, exactly."""
+    out = []
+    for i in range(shape[-2]):
+        for k in range(shape[-1]):
+            e = torch.zeros(shape, dtype=torch.float64)
+            e[..., i, k] = 1
+            out.append(e)
+    return out
+
+
+SURE_CASES = [("ssge", dict(eig_mass=0.95)), ("landweber", dict(lam=0.02, step=0.5)), ("nu", dict(lam=3e-3, step=0.5)),
+              ("kef", dict(lam=0.01, curl_free=True))]
+
+
+@pytest.mark.parametrize("name,kw", SURE_CASES, ids=[c[0] + ("_curl_free" if "curl_free" in c[1] else "") for c in SURE_CASES])
+def test_sure_traces_equal_the_jacobian_diagonal_blocks(name, kw):
+    # autograd (ssge, curl-free kef) or central differences of batched refits (landweber, nu; fixed step so the
+    # fit is the function autograd differentiates) against the full Jacobian of the in-sample fit
+    x = torch.randn(2, 9, 2, dtype=torch.float64)
+    h = torch.tensor([0.9, 1.4], dtype=torch.float64)
+    knob = steinops.score_estimator(name).knob
+    tensors = {k: torch.full((2,), v, dtype=torch.float64) if k == knob else v for k, v in kw.items()}
+    est = steinops.score_estimator(name, bandwidth=h, **tensors)
+    terms = autotune.sure_terms(est, x, _coordinate_probes(x.shape))
+    G = steinops.score_estimator(name, bandwidth=h, **tensors).fit(x).scores_
+    tr = (terms - 0.5 * (G ** 2).sum(-1)) * (9 * 2)
+    for b in range(2):
+        fit = lambda z: steinops.score_estimator(name, bandwidth=float(h[b]), **kw).fit(z).scores_  # noqa: E731
+        J = torch.autograd.functional.jacobian(fit, x[b])  # (M, d, M, d)
+        exact = torch.stack([J[i, :, i, :].diagonal().sum() for i in range(9)])
+        torch.testing.assert_close(tr[b], exact, rtol=1e-5, atol=1e-5)
+
+
+def test_sure_is_unbiased_for_the_in_sample_error():
+    # over many sample sets, 1/2 |G_i|^2 + tr_i averages to the in-sample error 1/2 |G_i - s_i|^2 - 1/2 |s_i|^2
+    # against the EXACT score (Stein's identity in x_i with the other samples fixed); without the fit's own
+    # dependence on x_i (the divergence of the prediction rule alone) it is far off (measured: SURE -0.04 standard
+    # errors from the truth, the prediction's divergence -60)
+    dist = two_mode_mixture(2)
+    R, M = 300, 30
+    x = dist.sample(R * M, 0.5, generator=torch.Generator().manual_seed(0)).reshape(R, M, 2)
+    s = dist.score(x.reshape(-1, 2), 0.5).reshape(R, M, 2)
+    est = steinops.score_estimator("nu", bandwidth=torch.full((R,), 2.0, dtype=x.dtype),
+                                   lam=torch.full((R,), 3e-3, dtype=x.dtype))
+    terms = autotune.sure_terms(est, x, _coordinate_probes(x.shape))
+    G = est.fit(x).scores_
+    sure = (0.5 * (G ** 2).sum(-1) + (terms - 0.5 * (G ** 2).sum(-1)) * (M * 2)).mean(-1)
+    true = (0.5 * ((G - s) ** 2).sum(-1) - 0.5 * (s ** 2).sum(-1)).mean(-1)
+    diff = sure - true
+    se = diff.std() / R ** 0.5
+    assert diff.mean().abs() < 3 * se
+    with torch.enable_grad():  # the prediction's divergence at the (fixed) samples: what SURE must not use
+        z = x.clone().requires_grad_()
+        div = autotune.divergence(est.predict(z), z)
+    naive = (0.5 * (G ** 2).sum(-1) + div).mean(-1) - true
+    assert naive.mean().abs() > 10 * se

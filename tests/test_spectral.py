@@ -216,3 +216,23 @@ def test_no_grad_and_half_precision():
     est = SpectralScoreEstimator().fit(x.detach().bfloat16())
     assert est.scores_.dtype == torch.bfloat16 and torch.isfinite(est.scores_.float()).all()
     assert est.predict(torch.randn(5, 3).bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "imq"])
+def test_gradient_with_repeated_eigenvalues(kernel):
+    """A regular polygon has a circulant Gram matrix: its eigenvalues come in equal pairs, where autograd
+    through eigh's eigenvectors divides by zero gaps. With every eigenpair kept the SSGE is -K^{-1} S, whose
+    gradient through a linear solve is the reference."""
+    M = 12
+    t = 2 * math.pi * torch.arange(M, dtype=torch.float64) / M
+    x = torch.stack([t.cos(), t.sin()], -1).requires_grad_()
+    w = torch.randn(M, 2, dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(steinops.gram(x.detach(), kernel=kernel, bandwidth=0.7))
+    assert (lam[1:] - lam[:-1]).abs().min() < 1e-12  # really repeated
+    est = SpectralScoreEstimator(kernel, bandwidth=0.7, n_eigen=M).fit(x)
+    assert int(est.n_eigen_) == M
+    g = torch.autograd.grad((est.scores_ * w).sum(), x)[0]
+    K, S = steinops.gram(x, kernel=kernel, bandwidth=0.7, stein_term=True)
+    g_ref = torch.autograd.grad((-torch.linalg.solve(K, S) * w).sum(), x)[0]
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-7)

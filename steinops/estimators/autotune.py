@@ -62,13 +62,15 @@ import torch
 from ..bandwidth import MEDIAN_FACTOR, median_distance
 from .. import _checks
 
-BANDWIDTH_MULTS = (0.5, 1.0, 2.0, 4.0)
+BANDWIDTH_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 LOO_MAX = 128  # leave-one-out by refits costs M fits of M - 1 points per candidate: O(M^4) for dense solvers
 LOO_CHUNK_ENTRIES = 2**24  # Gram entries per batched leave-one-out fit (memory bound)
-CRITERIA = ("auto", "loo", "kfold")
+CRITERIA = ("auto", "sure", "loo", "kfold")
+SURE_PROBES = 8  # Rademacher probes of the Hutchinson trace in the in-sample SURE criterion
 WARM_BANDWIDTH_STEPS = (2**-0.5, 1.0, 2**0.5)
 SE_RULE = 1.0  # K-fold and closed-form leave-one-out (the anchor rule)
 LOO_SE_RULE = 0.0  # leave-one-out by refits
+SURE_SE_RULE = 0.0  # SURE with a Hutchinson trace
 KFOLD_REPEATS = 4  # random K-fold partitions averaged on a fresh search (split-to-split noise)
 
 
@@ -88,7 +90,7 @@ class AutoTune:
 
     def __init__(self, *, warm_start: bool = False, tune_every: int = 1, criterion: str = "auto",
                  folds: int | None = None, repeats: int | None = None, holdout: float = 0.25,
-                 se_rule: float | None = None, seed: int | None = None):
+                 se_rule: float | None = None, probes: int | None = None, seed: int | None = None):
         if not isinstance(warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
         if isinstance(tune_every, bool) or not isinstance(tune_every, int) or tune_every < 1:
@@ -99,14 +101,16 @@ class AutoTune:
             raise ValueError(f"repeats must be None or a positive int, got {repeats!r}")
         if not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
-        self.repeats = repeats
+        if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+            raise ValueError(f"probes must be None or a positive int, got {probes!r}")
+        self.repeats, self.probes = repeats, probes
         self.se_rule = _check_se_rule(se_rule)
         self.criterion = _check_criterion(criterion)
         self.warm_start, self.tune_every, self.folds, self.holdout, self.seed = warm_start, tune_every, folds, holdout, seed
 
     def __repr__(self):
         return (f"AutoTune(warm_start={self.warm_start}, tune_every={self.tune_every}, criterion={self.criterion!r}, "
-                f"folds={self.folds}, repeats={self.repeats}, "
+                f"folds={self.folds}, repeats={self.repeats}, probes={self.probes}, "
                 f"holdout={self.holdout}, se_rule={self.se_rule}, seed={self.seed})")
 
 
@@ -185,6 +189,64 @@ def loo_terms(est, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, -1)
 
 
+def rademacher_probes(x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """n Rademacher tensors shaped like x (drawn on the CPU generator, moved to x's device)."""
+    return [(torch.randint(0, 2, x.shape, generator=generator, dtype=torch.int64) * 2 - 1).to(x) for _ in range(n)]
+
+
+def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor]) -> torch.Tensor:
+    """In-sample SURE terms (..., M): ``1/2 |G_i|^2 + tr_i`` with G = ``est.fit(x).scores_`` and
+    ``tr_i = sum_k dG_ik / dx_ik`` the diagonal block of the fit's total Jacobian (every sample moves the
+    fit). Exact in closed form where the estimator has one (``est.closed_form_loo``), else a Hutchinson
+    estimate ``v_i . (J v)_i`` averaged over the Rademacher ``probes`` (pass the same probes to every
+    candidate, so that their differences share the probe noise), with ``J v`` from one backward pass per
+    probe (``est.sure_jacobian == "autograd"``) or by central differences of batched refits on x +- eps v
+    (``"finite_difference"``: Monte-Carlo SURE, for iterative fits whose backward costs many forwards)."""
+    if has_closed_form_loo(est, x):
+        return est.closed_form_loo(x.detach())
+    x = x.detach()
+    if getattr(est, "sure_jacobian", "autograd") == "finite_difference":
+        G, tr = _fd_traces(est, x, probes)
+    else:
+        with torch.enable_grad():
+            xr = x.clone().requires_grad_()
+            G = est.fit(xr).scores_
+            tr = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+            for i, v in enumerate(probes):
+                jt, = torch.autograd.grad(G, xr, grad_outputs=v, retain_graph=i + 1 < len(probes))
+                tr = tr + (v * jt).sum(-1)
+        G = G.detach()
+    return 0.5 * (G ** 2).sum(-1) + tr / len(probes)
+
+
+FD_REL_STEP = {torch.float64: 1e-5, torch.float32: 1e-3}  # eps / bandwidth: truncation (eps/h)^2 vs rounding u/(eps/h)
+
+
+def _fd_traces(est, x, probes):
+    """(G (..., M, d), sum over probes of ``v_i . (J v)_i`` (..., M)) with ``J v = (G(x + eps v) - G(x - eps v)) / 2 eps``,
+    eps = ``FD_REL_STEP`` x the bandwidth per set; the perturbed sets are fitted as extra batch entries, as many
+    at a time as keep the batch's Gram matrices within the dense budget."""
+    from .base import DENSE_MAX_ENTRIES  # noqa: PLC0415  (base imports this module)
+    batch, M = x.shape[:-2], x.shape[-2]
+    h = est.bandwidth
+    knob = est.knob if est.knob is not None and isinstance(getattr(est, est.knob), torch.Tensor) else None
+    eps = (FD_REL_STEP.get(x.dtype, 1e-3) * h)[..., None, None]  # (..., 1, 1)
+    per_probe = 2 * max(1, math.prod(batch)) * M * M
+    chunk = max(1, min(len(probes), DENSE_MAX_ENTRIES // per_probe))
+    G = est.fit(x).scores_.detach()
+    tr = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    for lo in range(0, len(probes), chunk):
+        V = torch.stack(probes[lo:lo + chunk])  # (n, ..., M, d)
+        n = V.shape[0]
+        xs = torch.cat([x + eps * V, x - eps * V])  # (2n, ..., M, d)
+        spread = lambda t: t.expand(2 * n, *t.shape)  # noqa: E731
+        c = est.candidate(spread(h), spread(getattr(est, knob)) if knob else None)
+        Gs = c.fit(xs).scores_.detach()
+        Jv = (Gs[:n] - Gs[n:]) / (2 * eps)
+        tr = tr + (V * Jv).sum(-1).sum(0)
+    return G, tr
+
+
 def _splits(x, holdout, folds, generator):
     """One random partition: ``folds`` disjoint held-out parts of ``round(holdout M)`` points each; a list of
     (kept points, held-out points, held-out indices)."""
@@ -228,7 +290,8 @@ def _neighbours(grid, value):
 
 def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = None, repeats: int | None = None,
          bandwidth_mults=BANDWIDTH_MULTS, knob_values=None, previous: dict | None = None,
-         se_rule: float | None = None, criterion: str = "auto", generator: torch.Generator | None = None):
+         se_rule: float | None = None, criterion: str = "auto", probes: int | None = None,
+         generator: torch.Generator | None = None):
     """Choose the bandwidth (a multiple of the median distance) and the estimator's knob per sample set.
 
     Args:
@@ -261,12 +324,16 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         previous = None  # a different batch shape: start afresh
     warm = previous is not None
     criterion = _check_criterion(criterion)
-    # closed-form leave-one-out is cheaper than a held-out split (no divergence passes), so warm starts use it too
-    use_loo = criterion == "loo" or (criterion == "auto" and (has_closed_form_loo_for(est, x)
-                                                              or (not warm and M <= LOO_MAX)))
+    x = x.detach()
+    closed_form = has_closed_form_loo_for(est, x)  # then SURE and leave-one-out coincide, exactly
+    # "auto": the closed form where there is one; leave-one-out by refits on a small fresh search; else SURE
+    refit_loo = criterion == "auto" and not closed_form and not warm and M <= LOO_MAX
+    use_loo = criterion == "loo" or refit_loo
+    use_sure = criterion == "sure" or (criterion == "auto" and not refit_loo)
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds
     repeats = (KFOLD_REPEATS if folds > 1 and not warm else 1) if repeats is None else repeats
-    partitions = None if use_loo else [_splits(x, holdout, folds, generator) for _ in range(repeats)]
+    partitions = None if use_sure or use_loo else [_splits(x, holdout, folds, generator) for _ in range(repeats)]
+    vs = rademacher_probes(x, SURE_PROBES if probes is None else probes, generator) if use_sure and not closed_form else None
     med = median_distance(x)
     knob = est.knob if est.knob_is_auto() else None
     full = lambda v: torch.full(batch, float(v), dtype=x.dtype, device=x.device)  # noqa: E731
@@ -286,7 +353,9 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         cand = est.candidate(mult * med, val)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            if use_loo:
+            if use_sure:
+                t = sure_terms(cand, x, vs)  # (..., M)
+            elif use_loo:
                 t = loo_terms(cand, x)  # (..., M)
             else:
                 t = kfold_terms(cand, partitions)  # (..., held-out points)
@@ -299,8 +368,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     n = diff.shape[-1]
     se = diff.std(-1) / math.sqrt(max(1, n - 1)) if n > 1 else torch.zeros_like(diff[..., 0])
     gain = diff.mean(-1)
-    if se_rule is None:  # the anchor rule, except for leave-one-out by refits (see the module docstring)
-        se_rule = LOO_SE_RULE if use_loo and not has_closed_form_loo_for(est, x) else SE_RULE
+    if se_rule is None:  # the anchor rule, except for leave-one-out by refits and Hutchinson SURE (module docstring)
+        se_rule = SE_RULE if closed_form or partitions is not None else LOO_SE_RULE if use_loo else SURE_SE_RULE
     take = torch.isfinite(gain) & (gain < -se_rule * se)
     take = take | ~torch.isfinite(means[0])  # a broken anchor (e.g. NaN fit) never wins
     chosen = torch.where(take, best, torch.zeros_like(best))

@@ -33,12 +33,13 @@ the eigenpairs). Eigenvalues ``<= M * eps * lambda_max`` (numerically zero; ``ep
 machine epsilon, as in ``torch.linalg.pinv``) are always dropped, so ``n_eigen_`` may be below
 ``n_eigen`` when K is numerically singular.
 
-Gradients: everything is torch ops (``gram``, ``torch.linalg.eigh``), so the estimate is
-differentiable with respect to x, the queries and a tensor bandwidth. The backward of ``eigh``
-divides by eigenvalue gaps ``lambda_i - lambda_j``: with repeated (or nearly repeated) eigenvalues
-the gradients are ill-defined (inf / NaN or huge). This happens with duplicated samples, tiny
-bandwidths (K ~ I) or huge bandwidths (a tail of ~0 eigenvalues). The forward values are fine.
-The mask choosing J is piecewise constant (no gradient flows through the choice of J).
+Gradients: the estimate is differentiable with respect to x, the queries and a tensor bandwidth. The
+truncated inverses ``U diag(mask / lambda^p) U^T`` are differentiated as spectral functions of K
+(``_spectral_filter``: Daleckii-Krein divided differences), not through eigh's eigenvectors, so repeated
+or clustered eigenvalues (symmetric data, duplicated samples, tiny or huge bandwidths) give finite
+gradients; only the kept/dropped boundary divides by its eigenvalue gap. The mask choosing J is
+piecewise constant (no gradient flows through the choice of J). ``eigenvalues_``, ``eigenvectors_`` and
+``beta_`` are for inspection and carry no gradient.
 
 Cost: O(M^3) for the batched eigendecomposition, O(M^2) memory (the SGE's Cholesky is the same order).
 """
@@ -50,6 +51,7 @@ import numbers
 import torch
 
 from ..ops.gram import gram
+from ._spectral_filter import truncated_inverse
 from .base import ScoreEstimator, register
 
 DEFAULT_EIG_MASS = 0.99
@@ -151,18 +153,15 @@ class SpectralScoreEstimator(ScoreEstimator):
         if self.n_eigen is not None and self.n_eigen > M:
             raise ValueError(f"n_eigen must be in [1, M] = [1, {M}], got {self.n_eigen}")
         K, S = gram(xc, kernel=self.kernel, bandwidth=h, stein_term=True, backend=self.backend)
-        lam, U = torch.linalg.eigh(K)  # ascending
-        lam, U = lam.flip(-1), U.flip(-1)  # descending
-        mass = None if self.n_eigen is not None else self.knob_tensor(lam.shape[:-1], lam)
+        mass = None if self.n_eigen is not None else self.knob_tensor(K.shape[:-2], K)
         self.eig_mass_ = mass
-        mask = self._mask(lam, mass)
-        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-        W = (S.transpose(-1, -2) @ U).transpose(-1, -2)  # (..., M, d): u_j^T S (U^T S takes a slow matmul path)
+        G, C, lam, U, mask = truncated_inverse(K, S, lambda lam: self._mask(lam, mass))
         self.eigenvalues_, self.eigenvectors_, self.eigen_mask_ = lam, U, mask
         self.n_eigen_ = mask.sum(-1)
-        self.beta_ = -inv[..., None] * W / math.sqrt(M)
-        self._C = -U @ (inv[..., None] ** 2 * W)
-        return -U @ (inv[..., None] * W)
+        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        self.beta_ = -inv[..., None] * (S.detach().mT @ U).mT / math.sqrt(M)  # for inspection (no gradient)
+        self._C = -C
+        return -G
 
     def _predict_chunk(self, z):
         Kq = gram(z, self._x, kernel=self.kernel, bandwidth=self.bandwidth_, backend=self.backend)  # (..., n, M)
