@@ -1,54 +1,59 @@
-"""Hyper-parameters from the samples alone: held-out score matching over a small grid.
+"""Hyper-parameters from the samples alone: score matching over a small grid.
 
-Split each sample set into a fitting part A and a held-out part B, fit the estimator on A for every
-candidate (bandwidth, knob), predict g at B, and score it with Hyvarinen's objective
+The knob is the estimator's regulariser (``eta`` of the SGE, ``lam`` of KEF / Landweber / nu, ``eig_mass`` of
+the SSGE; ``ScoreEstimator.knob``), the bandwidth a multiple of the median distance. Every candidate is scored
+by Hyvarinen's identity: for a fixed function g, ``E[1/2 |g|^2 + div g] = 1/2 E|g - grad log q|^2 - 1/2
+E|grad log q|^2``, which orders candidates exactly as their Fisher error does without knowing the score.
+Which error, and so which identity, is the criterion's choice:
 
-    J(g) = E_B [ 1/2 |g(z)|^2 + div g(z) ]  =  1/2 E_B |g - grad log q|^2  -  1/2 E_B |grad log q|^2,
+In-sample SURE (Stein's unbiased risk estimate; criterion "sure"). The in-sample estimate G_i depends on x_i
+itself, so integrate by parts in x_i with the other samples fixed: ``E[G_i . s(x_i)] = -E[tr_i]`` with
+``tr_i = sum_k dG_ik / dx_ik`` the diagonal block of the fit's *total* Jacobian (the fit moves with x_i), and
 
-which needs no true score yet orders candidates exactly as the held-out Fisher error does (the last
-term does not depend on g). The knob is the estimator's regulariser (``eta`` of the SGE, ``lam`` of
-KEF / Landweber / nu, ``eig_mass`` of the SSGE; ``ScoreEstimator.knob``), the bandwidth a multiple of
-the median distance. With few samples one split is noisy, so the objective is averaged over ``folds``
-disjoint held-out parts (K-fold; 4 folds up to M = 2048, 1 above), and on a fresh search over
-``KFOLD_REPEATS`` independent random partitions: each point's term is the mean over the fits that held it
-out, so the paired standard errors below still count points, not fits. Which partition is drawn moves the
-criterion by more than the gap between good candidates: for the nu-method on the sphere (M = 1024) one
-4-fold partition picked 2.5x the in-sample oracle's error, 4 partitions its candidate (1.0x); for the SSGE
-on the 2-D gmm (M = 1024) the criterion of (0.5 x median, eig_mass 0.99) and (1 x median, 0.999) moved
-by up to 0.04 between partitions, more than their true gap (0.028: half E|grad log q|^2 = 0.96 times the
-gap in relative Fisher error at fresh queries of fits on 3/4 of the points, 0.065 against 0.095). Averaged
-over partitions it still ranks them the wrong way round on that sample (``benchmarks/accuracy.py``).
+    E[ 1/2 |G_i|^2 + tr_i ]  =  1/2 E|G_i - grad log q(x_i)|^2  -  1/2 E|grad log q(x_i)|^2,
 
-Leave-one-out. On a fresh search the default criterion is exact leave-one-out where it is affordable:
-each candidate is scored at every x_i by its fit on the other M - 1 samples. For the SGE this costs one
-dense fit (``stein_loo.py``: Li & Turner's prediction at x_i from the other samples *is* the in-sample
-estimate G_i, so the criterion estimates exactly the in-sample error); for the other estimators it costs M
-refits (one batched fit of M sets of M - 1), done up to ``LOO_MAX`` samples per set. With 4 folds of 32
-points at M = 128 the fold-to-fold variation picked candidates 2.4x worse than the in-sample oracle
-(nu-method on the two-mode toy) and 1.9x (SSGE on the spiral); leave-one-out picked the oracle's candidate
-on the same samples (``benchmarks/accuracy.py``).
+an unbiased estimate of the in-sample error from one fit, for any estimator whose fit is differentiable in
+the samples (``sure_terms``). For the SGE and KEF with a diagonal kernel tr_i has a closed form
+(``stein_loo.py``; there it equals leave-one-out exactly: Li & Turner's prediction at x_i from the other
+samples *is* G_i). Otherwise tr_i is a Hutchinson estimate ``v_i . (J v)_i`` over ``SURE_PROBES``
+Rademacher probes shared by all candidates, with J v by autograd (SSGE, curl-free KEF) or by central
+differences of batched refits (Landweber, nu: Monte-Carlo SURE, Ramani, Blu & Unser 2008; their autograd
+backward revisits every iteration). The divergence of the *prediction* at the samples (what a held-out
+criterion computes) misses the fit's own dependence on x_i: on the two-mode toy it was 60 standard errors off
+(``tests/test_autotune.py``). SSGE's truncation makes its fit jump where the count J changes, which the
+derivative does not see: there SURE was biased upward by 2.8 standard errors (M = 40, 400 sets); it still
+picked the in-sample oracle's candidate on all nine distributions at M = 1024.
 
-Selection with an anchor. The per-point objective differences between a candidate and an *anchor*
-(the estimator's default on a fresh search, the previous choice on a warm start) are paired, so
-their standard error is known; the best candidate replaces the anchor only when it is better by more
-than ``se_rule`` standard errors. Held-out noise then cannot pull a good default away (the two-mode
-toy at M = 128 lost 30% to K-fold noise before), while a clearly better choice (manifold data,
-checkerboards, d = 50) still wins. The same rule holds for the SGE's closed-form leave-one-out (it kept
-the default on the two-mode toy at M = 1024, where argmin lost 1.9x to noise), but not for leave-one-out by
-refits (``LOO_SE_RULE`` = 0, plain argmin): there the anchor kept the SSGE's default on the moons and the
-spiral at M = 128 (1.7x and 1.9x the oracle instead of 1.0x). Both choices were made on
-``benchmarks/accuracy.py`` (M = 128 and 1024, se_rule 0 / 0.5 / 1), the benchmark the target is judged on.
+Leave-one-out by refits (criterion "loo"): every x_i is scored by the prediction of the fit on the other
+M - 1 samples (one batched fit of M sets per candidate, O(M^4) for dense solvers: up to ``LOO_MAX``).
+K-fold (criterion "kfold"): held-out parts of ``holdout`` of the samples, ``folds`` per partition averaged
+over ``repeats`` random partitions. Both estimate the *out-of-sample* error of fits on fewer points, which
+prefers smoother candidates than the in-sample error does.
+
+"auto" (the default): the closed form where there is one (also on warm starts); leave-one-out by refits on a
+fresh search with M <= ``LOO_MAX``; SURE otherwise. Measured on ``benchmarks/accuracy.py`` (sigma = 0.1, the
+nine distributions, in-sample error over the in-sample oracle of the same grid, worst of the probe subsets):
+at M = 1024, 4-fold picked 1.56x, 1.63x and 1.48x the oracle for the SSGE, Landweber and nu on the 2-D gmm,
+SURE 1.00x, 1.00x and 1.20x; at M = 128, SURE's choice is noisier than leave-one-out's (4 of 27 cases of
+SSGE / Landweber / nu over 1.3x against 1), so small fresh searches keep leave-one-out.
+
+Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
+estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard
+error is known; the best candidate replaces the anchor only when it is better by more than ``se_rule``
+standard errors (``SE_RULE`` for the closed form and K-fold: the closed form's argmin lost 1.9x to noise on
+the two-mode toy at M = 1024; ``LOO_SE_RULE`` = 0, plain argmin, for leave-one-out by refits: the anchor
+kept the SSGE's default 1.7x and 1.9x worse on the moons and the spiral at M = 128; ``SURE_SE_RULE`` for
+Hutchinson SURE). These rules were chosen on ``benchmarks/accuracy.py``, the benchmark the target is judged on.
 
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
-previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the
-neighbouring knob values on the grid), with one held-out split (or the closed-form leave-one-out of the
-SGE / diagonal KEF), anchored at the previous choice: 9 fits instead of 4 folds x ~25 candidates.
-``ScoreEstimator(tune_every=n)`` goes further and reuses the chosen multiple and knob for n - 1 fits in
-between.
+previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the neighbouring
+knob values on the grid), anchored at the previous choice, with the closed form or SURE (criterion "auto"),
+or one held-out split ("kfold"): 9 candidates instead of ~31. ``ScoreEstimator(tune_every=n)`` goes further
+and reuses the chosen multiple and knob for n - 1 fits in between.
 
-The divergence is exact (d backward passes) for d <= ``exact_div_max`` and a Hutchinson estimate with
-Rademacher probes above. Each sample set of a batch (e.g. each noise level) gets its own choice; each
-candidate is one batched fit for all sets at once.
+Held-out divergences are exact (d backward passes) for d <= ``exact_div_max`` and Hutchinson estimates above.
+Each sample set of a batch (e.g. each noise level) gets its own choice; each candidate is one batched fit for
+all sets at once.
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ SURE_PROBES = 8  # Rademacher probes of the Hutchinson trace in the in-sample SU
 WARM_BANDWIDTH_STEPS = (2**-0.5, 1.0, 2**0.5)
 SE_RULE = 1.0  # K-fold and closed-form leave-one-out (the anchor rule)
 LOO_SE_RULE = 0.0  # leave-one-out by refits
-SURE_SE_RULE = 0.0  # SURE with a Hutchinson trace
+SURE_SE_RULE = 1.0  # SURE with a Hutchinson trace (the anchor rule)
 KFOLD_REPEATS = 4  # random K-fold partitions averaged on a fresh search (split-to-split noise)
 
 
@@ -81,11 +86,12 @@ class AutoTune:
         warm_start: after the first fit, search only around the previous choice (1 split, 9 fits).
         tune_every: re-tune at every n-th fit only; in between reuse the chosen bandwidth multiple
             (times the new median distance) and knob. For refits on fresh batches in a training loop.
-        criterion, folds, repeats, holdout, se_rule: as for ``tune`` (criterion "auto": leave-one-out on a
-            fresh search where it has a closed form (SGE) or M <= ``LOO_MAX``, else K-fold; folds None: 4 up
-            to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with 4
-            folds, else 1).
-        seed: seed of the random splits (None: torch's global generator).
+        criterion, folds, repeats, holdout, se_rule, probes: as for ``tune`` (criterion "auto": the
+            closed-form leave-one-out (= SURE) of the SGE / diagonal KEF, leave-one-out by refits on a fresh
+            search with M <= ``LOO_MAX``, else in-sample SURE with ``probes`` Hutchinson probes; folds None: 4
+            up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
+            4 folds, else 1).
+        seed: seed of the random splits and probes (None: torch's global generator).
     """
 
     def __init__(self, *, warm_start: bool = False, tune_every: int = 1, criterion: str = "auto",
@@ -299,17 +305,20 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             when it is "auto" and held fixed otherwise. ``est.knob_grid(M)`` gives the knob's grid
             and ``est.knob_default()`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
-        criterion: "loo" (exact leave-one-out: closed form for the SGE, else M batched refits per
-            candidate), "kfold" (``folds`` held-out parts), or "auto": leave-one-out where it has a closed
-            form (also on warm starts), else on a fresh search for M <= ``LOO_MAX``, else K-fold (a warm
-            start then uses one held-out split).
+        criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, else Hutchinson with
+            ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal KEF, else M
+            batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses one split), or
+            "auto": the closed form where there is one, leave-one-out by refits on a fresh search with
+            M <= ``LOO_MAX``, else SURE (see the module).
         folds: number of disjoint held-out parts (default 4 for M <= 2048, else 1; 1 on a warm start).
         repeats: number of independent random K-fold partitions whose per-point terms are averaged
             (default ``KFOLD_REPEATS`` with 4 folds on a fresh search, else 1; see the module).
         bandwidth_mults, knob_values: the grid (knob_values overrides ``est.knob_grid``).
         previous: a previous result of ``tune`` for the same batch shape: warm start (see the module).
         se_rule: the best candidate must beat the anchor by this many standard errors (None: ``LOO_SE_RULE``
-            with leave-one-out by refits, else ``SE_RULE``).
+            with leave-one-out by refits, ``SURE_SE_RULE`` with Hutchinson SURE, else ``SE_RULE``).
+        probes: Rademacher probes of Hutchinson SURE (None: ``SURE_PROBES``).
+        generator: of the random splits and probes (None: torch's global generator).
 
     Returns:
         dict with ``bandwidth`` and ``bandwidth_mult`` (...), the knob (...) when it is tuned, and
