@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -99,6 +100,28 @@ def run_case(variant, x, q, sx, sq, auto=None):
                 oracle_out_best=best_out)
 
 
+def summary(rows) -> str:
+    """Markdown: per estimator, the ratio of the in-sample error to the oracle's for the default and for auto
+    (geometric mean and worst), and how many cases auto has within 1.3x (the target), also at M >= 1024; then the
+    out-of-sample ratio of auto to the best out-of-sample error on the grid, and the cases missing the target."""
+    lines = ["| estimator | cases | default: geo-mean (worst) | auto: geo-mean (worst) | auto within 1.3x | "
+             "of these at M >= 1024 | auto out-of-sample vs its oracle: geo-mean (worst) |", "|---|---|---|---|---|---|---|"]
+    geo = lambda v: math.exp(sum(math.log(x) for x in v) / len(v))  # noqa: E731
+    for name in sorted({r["estimator"] for r in rows}, key=lambda n: (VARIANTS.index(n) if n in VARIANTS else 99, n)):
+        rs = [r for r in rows if r["estimator"] == name]
+        d = [r["default_in"] / r["oracle_in"] for r in rs]
+        a = [r["auto_in"] / r["oracle_in"] for r in rs]
+        big = [x for r, x in zip(rs, a) if r["M"] >= 1024]
+        o = [r["auto_out"] / r["oracle_out_best"] for r in rs if r.get("oracle_out_best")]
+        out_cell = f"{geo(o):.2f}x ({max(o):.2f}x)" if o else "-"
+        lines.append(f"| {name} | {len(rs)} | {geo(d):.2f}x ({max(d):.1f}x) | {geo(a):.2f}x ({max(a):.2f}x) | "
+                     f"{sum(x <= 1.3 for x in a)} / {len(a)} | {sum(x <= 1.3 for x in big)} / {len(big)} | {out_cell} |")
+    miss = [f"{r['estimator']} {r['distribution']} M={r['M']} sigma={r['sigma']}: {r['auto_in'] / r['oracle_in']:.2f}x"
+            for r in rows if r["auto_in"] > 1.3 * r["oracle_in"]]
+    return "\n".join(lines + ["", f"auto over 1.3x the in-sample oracle in {len(miss)} of {len(rows)} cases"
+                                 + (": " + "; ".join(miss) if miss else "")])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--estimators", nargs="+", default=VARIANTS,
@@ -119,7 +142,11 @@ def main(argv=None):
                         f"{autotune.SURE_PROBES})")
     p.add_argument("--quick", action="store_true", help="tiny grid: smoke test")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
+    p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")
     a = p.parse_args(argv)
+    if a.summarize:
+        print(summary(json.loads(Path(a.summarize).read_text())["rows"]))
+        return
     if a.quick:
         a.distributions, a.samples, a.sigmas, a.queries = ["two_mode"], [128], [0.5], 64
     for e in a.estimators:
@@ -159,6 +186,7 @@ def main(argv=None):
                   f"{r['default_in'] / r['oracle_in']:13.2f}x {r['auto_in'] / r['oracle_in']:10.2f}x", flush=True)
             save(rows)
     save(rows)
+    print(summary(rows))
     print(f"wrote {out}")
 
 

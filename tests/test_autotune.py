@@ -83,7 +83,7 @@ def test_every_estimator_tunes_its_knob_per_sample_set(name, knob):
     sure = AutoTune(criterion="sure", probes=4)  # fast; leave-one-out and K-fold have their own tests below
     est = steinops.score_estimator(name, bandwidth=sure).fit(x)
     assert est.tuned_[knob].shape == (2,) and est.tuned_["bandwidth"].shape == (2,)
-    grid = set(est.knob_grid(x.shape[-2])) | {est.knob_default()}
+    grid = set(est.knob_grid(x.shape[-2])) | {est.knob_default(x.shape[-2])}
     assert all(any(abs(float(v) - g) <= 1e-9 * g for g in grid) for v in est.tuned_[knob])
     assert torch.isfinite(est.scores_).all()
     # a fixed knob is held fixed

@@ -303,7 +303,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     Args:
         est: the (unfitted) estimator whose settings are kept; its ``knob`` (e.g. "eta") is tuned
             when it is "auto" and held fixed otherwise. ``est.knob_grid(M)`` gives the knob's grid
-            and ``est.knob_default()`` the anchor's value.
+            and ``est.knob_default(M)`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
         criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, else Hutchinson with
             ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal KEF, else M
@@ -354,7 +354,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         cands += [(previous["bandwidth_mult"] * s, k) for s, k in itertools.product(WARM_BANDWIDTH_STEPS, knob_sets)]
     else:
         values = tuple(knob_values) if knob_values is not None else (est.knob_grid(M) if knob else (None,))
-        cands = [(full(MEDIAN_FACTOR), full(est.knob_default()) if knob else None)]
+        cands = [(full(MEDIAN_FACTOR), full(est.knob_default(M)) if knob else None)]
         cands += [(full(m), None if v is None else full(v)) for m, v in itertools.product(bandwidth_mults, values)]
 
     terms = []

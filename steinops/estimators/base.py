@@ -62,7 +62,7 @@ class ScoreEstimator:
         backend: backend of the fused ops (see ``steinops.ops.backends``).
 
     Subclasses with a regulariser name it in ``knob`` (e.g. "eta"), keep the user's value (number,
-    tensor (...) or "auto") in that attribute, and give ``knob_grid(M)`` / ``knob_default()``; at fit
+    tensor (...) or "auto") in that attribute, and give ``knob_grid(M)`` / ``knob_default(M)``; at fit
     ``knob_tensor(batch, like)`` is the value to use (the tuned one when "auto" was tuned).
     """
 
@@ -150,8 +150,8 @@ class ScoreEstimator:
         """Candidate knob values for M samples."""
         return ()
 
-    def knob_default(self) -> float:
-        """The knob's value when it is "auto" and not tuned."""
+    def knob_default(self, M: int) -> float:
+        """The knob's value for M samples when it is "auto" and not tuned."""
         raise NotImplementedError
 
     def knob_least_regularised(self, M: int) -> float:
@@ -167,7 +167,7 @@ class ScoreEstimator:
         value = getattr(self, self.knob)
         if isinstance(value, str):
             tuned = self.tuned_.get(self.knob) if self.tuned_ is not None else None
-            value = self.knob_default() if tuned is None else tuned
+            value = self.knob_default(like.shape[-2]) if tuned is None else tuned
         return self._check_knob(value, batch_shape, like)
 
     def _check_knob(self, value, batch_shape, like) -> torch.Tensor:

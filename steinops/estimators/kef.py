@@ -77,12 +77,12 @@ from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
-from .stein import ETA_GRID
+from .stein import DEFAULT_ETA, ETA_GRID
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
 SOLVERS = ("auto", "dense", "matrix_free")
-DEFAULT_LAM = 3e-4  # KEF: M lam = 0.3 (the SGE's default eta) at M = 1000
+DEFAULT_M_LAM = DEFAULT_ETA  # KEF's "auto" lam is 0.3 / M (until 2026-12: a fixed 3e-4, i.e. eta = 2.5 at M = 8192)
 
 POWER_ITERS = 8
 
@@ -219,8 +219,8 @@ class KEFScoreEstimator(_KScoreBase):
 
     Args:
         kernel: "rbf" or "imq". bandwidth: number, tensor (...), "median" or "svgd".
-        lam: regulariser > 0 (number or tensor (...)), or "auto": 3e-4 (= the SGE default eta 0.3 at
-            M = 1000), tuned over ``M lam`` in the SGE's eta grid when ``bandwidth="auto"``.
+        lam: regulariser > 0 (number or tensor (...)), or "auto": 0.3 / M (in sample, the default SGE's
+            eta = 0.3 at every M), tuned over ``M lam`` in the SGE's eta grid when ``bandwidth="auto"``.
         curl_free: False (diagonal kernel ``k I``) or True (curl-free kernel: the estimate is a gradient
             field and ``log_density`` is available; see the module docstring).
         solver: "dense" (Cholesky of ``K + M lam I``), "matrix_free" (conjugate gradient on the fused
@@ -243,8 +243,8 @@ class KEFScoreEstimator(_KScoreBase):
     def knob_grid(self, M):
         return tuple(v / M for v in ETA_GRID)  # M lam on the SGE's eta grid (in-sample KEF == SGE(M lam))
 
-    def knob_default(self):
-        return DEFAULT_LAM
+    def knob_default(self, M):
+        return DEFAULT_M_LAM / M  # in-sample KEF == the SGE with eta = M lam: the SGE's default at every M
 
     def closed_form_loo_fits(self, x) -> bool:
         """In-sample KEF with a diagonal kernel is the SGE with eta = M lam, so the SGE's closed-form
@@ -254,7 +254,7 @@ class KEFScoreEstimator(_KScoreBase):
     def closed_form_loo(self, x):
         """Leave-one-out Hyvarinen terms (..., M) of this (unfitted) candidate's in-sample estimate."""
         batch, M = x.shape[:-2], x.shape[-2]
-        lam = self._check_knob(self.knob_default() if isinstance(self.lam, str) else self.lam, batch, x)
+        lam = self._check_knob(self.knob_default(M) if isinstance(self.lam, str) else self.lam, batch, x)
         h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
         return sge_loo_terms(x, h, M * lam, self.kernel.name)
 
@@ -304,7 +304,7 @@ class _IterativeBase(_KScoreBase):
     def knob_grid(self, M):
         return self.LAM_GRID
 
-    def knob_default(self):
+    def knob_default(self, M):
         return self.DEFAULT_LAM
 
     def _steps(self, lam: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ class SpectralScoreEstimator(ScoreEstimator):
     def knob_grid(self, M):
         return EIG_MASS_GRID
 
-    def knob_default(self):
+    def knob_default(self, M):
         return DEFAULT_EIG_MASS
 
     def knob_least_regularised(self, M):

@@ -108,7 +108,7 @@ class SteinScoreEstimator(ScoreEstimator):
     def knob_grid(self, M):
         return ETA_GRID
 
-    def knob_default(self):
+    def knob_default(self, M):
         return DEFAULT_ETA
 
     def _fit(self, xc, h):
