@@ -140,7 +140,7 @@ def main(argv=None):
     p.add_argument("--probes", type=int, default=None,
                    help="Rademacher probes of auto's Hutchinson trace (SURE without a closed form; default "
                         f"{autotune.SURE_PROBES})")
-    p.add_argument("--quick", action="store_true", help="tiny grid: smoke test")
+    p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48 (leave-one-out by refits still runs), sigma = 0.5, 64 queries")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")
     a = p.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv=None):
         print(summary(json.loads(Path(a.summarize).read_text())["rows"]))
         return
     if a.quick:
-        a.distributions, a.samples, a.sigmas, a.queries = ["two_mode"], [128], [0.5], 64
+        a.distributions, a.samples, a.sigmas, a.queries = ["two_mode"], [48], [0.5], 64
     for e in a.estimators:
         try:
             parse_variant(e)
