@@ -10,7 +10,7 @@ at the samples (in-sample) and at the queries (out-of-sample), for
   (auto) ``bandwidth="auto"``: held-out score matching on the samples alone, tuning the bandwidth and
       the estimator's knob (eta, lam, eig_mass; see ``steinops.estimators.autotune``), and
   (b) the oracle: the best of the SAME candidates as auto (the default, then bandwidth multiples
-      {0.5, 1, 2, 4} x median distance times the estimator's knob grid), chosen by the in-sample error
+      {0.25, 0.5, 1, 2, 4} x median distance times the estimator's knob grid), chosen by the in-sample error
       against the exact score -- what no sample-only rule on this grid can beat.
 
     python benchmarks/accuracy.py [--quick] [--samples 128 1024 8192] [--estimators stein kef:curl_free ...]
@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -106,7 +106,7 @@ def summary(rows) -> str:
     out-of-sample ratio of auto to the best out-of-sample error on the grid, and the cases missing the target."""
     lines = ["| estimator | cases | default: geo-mean (worst) | auto: geo-mean (worst) | auto within 1.3x | "
              "of these at M >= 1024 | auto out-of-sample vs its oracle: geo-mean (worst) |", "|---|---|---|---|---|---|---|"]
-    geo = lambda v: math.exp(sum(math.log(x) for x in v) / len(v))  # noqa: E731
+    geo = statistics.geometric_mean
     for name in sorted({r["estimator"] for r in rows}, key=lambda n: (VARIANTS.index(n) if n in VARIANTS else 99, n)):
         rs = [r for r in rows if r["estimator"] == name]
         d = [r["default_in"] / r["oracle_in"] for r in rs]

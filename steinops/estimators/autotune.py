@@ -38,9 +38,9 @@ probes is over 1.3x in 3 of the 27 SSGE / Landweber / nu cases: the SSGE and Lan
 On that gmm sample the two best candidates differ by less than the probe noise (per probe, the standard
 deviation of the SURE gap was 3x the exact gap): with four other probe seeds the SSGE picked the oracle's
 candidate every time, and a second round of 24 probes for the candidates within 2 standard errors of the
-best changed no pick of the benchmark (so it was not kept). At M = 128, SURE's choice is noisier than
-leave-one-out's (on recorded fits, 4 of 27 cases of SSGE / Landweber / nu over 1.3x against 1), so small
-fresh searches keep leave-one-out.
+best changed one of 20 picks (1.01x either way) and none of the misses (so it was not kept). At M = 128,
+SURE's choice is noisier than leave-one-out's (on recorded fits, 4 of 27 cases of SSGE / Landweber / nu
+over 1.3x against 1), so small fresh searches keep leave-one-out.
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
 estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard

@@ -254,7 +254,7 @@ class KEFScoreEstimator(_KScoreBase):
     def closed_form_loo(self, x):
         """Leave-one-out Hyvarinen terms (..., M) of this (unfitted) candidate's in-sample estimate."""
         batch, M = x.shape[:-2], x.shape[-2]
-        lam = self._check_knob(self.knob_default(M) if isinstance(self.lam, str) else self.lam, batch, x)
+        lam = self.knob_tensor(batch, x)  # a candidate: untuned, so "auto" is the default
         h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
         return sge_loo_terms(x, h, M * lam, self.kernel.name)
 
