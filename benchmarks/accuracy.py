@@ -138,8 +138,8 @@ def main(argv=None):
                    help="auto's anchor rule: the best candidate must beat the default by this many standard errors "
                         "(default: 0 with leave-one-out by refits, else 1)")
     p.add_argument("--probes", type=int, default=None,
-                   help="Rademacher probes of auto's Hutchinson trace (SURE without a closed form; default "
-                        f"{autotune.SURE_PROBES})")
+                   help="Rademacher probes of auto's Hutchinson trace (SURE without an exact trace: curl-free "
+                        f"kernels, d > {autotune.EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
     p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48 (leave-one-out by refits still runs), sigma = 0.5, 64 queries")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")

@@ -304,7 +304,7 @@ def test_sure_traces_equal_the_jacobian_diagonal_blocks(name, kw):
     knob = steinops.score_estimator(name).knob
     tensors = {k: torch.full((2,), v, dtype=torch.float64) if k == knob else v for k, v in kw.items()}
     est = steinops.score_estimator(name, bandwidth=h, **tensors)
-    terms = autotune.sure_terms(est, x, _coordinate_probes(x.shape))
+    terms = autotune.sure_terms(est, x, _coordinate_probes(x.shape), exact=False)  # the Hutchinson path
     G = steinops.score_estimator(name, bandwidth=h, **tensors).fit(x).scores_
     tr = (terms - 0.5 * (G ** 2).sum(-1)) * (9 * 2)
     for b in range(2):
@@ -325,9 +325,8 @@ def test_sure_is_unbiased_for_the_in_sample_error():
     s = dist.score(x.reshape(-1, 2), 0.5).reshape(R, M, 2)
     est = steinops.score_estimator("nu", bandwidth=torch.full((R,), 2.0, dtype=x.dtype),
                                    lam=torch.full((R,), 3e-3, dtype=x.dtype))
-    terms = autotune.sure_terms(est, x, _coordinate_probes(x.shape))
+    sure = autotune.sure_terms(est, x, None).mean(-1)  # exact trace (spectral_sure.py)
     G = est.fit(x).scores_
-    sure = (0.5 * (G ** 2).sum(-1) + (terms - 0.5 * (G ** 2).sum(-1)) * (M * 2)).mean(-1)
     true = (0.5 * ((G - s) ** 2).sum(-1) - 0.5 * (s ** 2).sum(-1)).mean(-1)
     diff = sure - true
     se = diff.std() / R ** 0.5
@@ -360,3 +359,101 @@ def test_sure_probes_checked():
         AutoTune(probes=0)
     with pytest.raises(ValueError, match="probes"):
         AutoTune(probes=True)
+
+
+# -- exact SURE of the spectral filters (spectral_sure.py) ------------------------------------------------
+EXACT_CASES = [("ssge", dict(eig_mass=(0.9, 0.999)), "rbf"), ("ssge", dict(eig_mass=(0.95, 0.95)), "imq"),
+               ("ssge", dict(n_eigen=5), "rbf"), ("landweber", dict(lam=(0.02, 0.1), step=0.5), "rbf"),
+               ("landweber", dict(lam=(0.02, 0.005)), "imq"), ("nu", dict(lam=(3e-3, 0.05), step=0.5), "imq"),
+               ("nu", dict(lam=(1e-3, 1e-2), nu=2.0), "rbf"), ("landweber", dict(n_iter=17), "rbf")]
+
+
+@pytest.mark.parametrize("name,kw,kernel", EXACT_CASES, ids=[f"{c[0]}-{'-'.join(c[1])}-{c[2]}" for c in EXACT_CASES])
+def test_exact_sure_equals_the_jacobian_diagonal_blocks(name, kw, kernel):
+    # per-set knobs (sets with fewer iterations frozen early), the data-chosen step (held constant, as in the fit),
+    # 11 points in 3-D: the trace of each diagonal block of autograd's full Jacobian of the in-sample fit
+    x = torch.randn(2, 11, 3, dtype=torch.float64) * torch.tensor([1.0, 1.7, 0.6], dtype=torch.float64)
+    h = torch.tensor([0.9, 1.6], dtype=torch.float64)
+    tensors = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, tuple) else v for k, v in kw.items()}
+    est = steinops.score_estimator(name, kernel, bandwidth=h, **tensors)
+    assert autotune.has_exact_sure(est, x)
+    terms = autotune.sure_terms(est, x, None)
+    assert terms.shape == (2, 11)
+    for b in range(2):
+        one = {k: v[b] if isinstance(v, tuple) else v for k, v in kw.items()}
+        fit = lambda z: steinops.score_estimator(name, kernel, bandwidth=float(h[b]), **one).fit(z).scores_  # noqa: E731
+        G = fit(x[b])
+        J = torch.autograd.functional.jacobian(fit, x[b])  # (M, d, M, d)
+        tr = torch.stack([J[i, :, i, :].diagonal().sum() for i in range(11)])
+        torch.testing.assert_close(terms[b], 0.5 * (G ** 2).sum(-1) + tr, rtol=1e-7, atol=1e-7)
+
+
+def test_exact_sure_with_the_tikhonov_filter_is_the_sge_closed_form():
+    # spectral_sure_terms with f = 1 / (lambda + eta) against stein_loo's independent closed form (= leave-one-out)
+    from steinops.estimators.spectral_sure import spectral_sure_terms
+    from steinops.estimators.stein_loo import sge_loo_terms
+    x = torch.randn(3, 14, 2, dtype=torch.float64)
+    h, eta = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64), torch.tensor([0.3, 0.01, 1.0], dtype=torch.float64)
+
+    def tikhonov(lam, K, idx):
+        e = eta[idx][:, None]
+        return 1 / (lam + e), -1 / ((lam[:, :, None] + e[..., None]) * (lam[:, None, :] + e[..., None]))
+    for kernel in ("rbf", "imq"):
+        torch.testing.assert_close(spectral_sure_terms(x, h, tikhonov, kernel), sge_loo_terms(x, h, eta, kernel),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_recursion_divided_differences_match_the_filter():
+    # Landweber's g_T in closed form: f(l) = (1 - (1 - step l / M)^T) / l; divided differences of separated values
+    from steinops.estimators.spectral_sure import landweber_coefficients, recursion_divided_differences
+    M, step, T = 7, 0.8, 9
+    lam = torch.tensor([[5.0, 3.1, 2.0, 1.2, 0.7, 0.3, 0.05]], dtype=torch.float64)
+    f, Gam = recursion_divided_differences(lam, torch.tensor([step], dtype=torch.float64), torch.tensor([T]), M,
+                                            landweber_coefficients)
+    closed = lambda l: (1 - (1 - step * l / M) ** T) / l  # noqa: E731  (f = g_T(l / M) / M)
+    torch.testing.assert_close(f, closed(lam), rtol=1e-12, atol=1e-12)
+    li, lj = lam[0, :, None], lam[0, None, :]
+    off = ~torch.eye(M, dtype=torch.bool)
+    torch.testing.assert_close(Gam[0][off], ((closed(li) - closed(lj)) / (li - lj))[off], rtol=1e-10, atol=1e-12)
+    deriv = torch.func.vmap(torch.func.grad(closed))(lam[0])
+    torch.testing.assert_close(Gam[0].diagonal(), deriv, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_sure_chunks_and_dtypes(monkeypatch):
+    from steinops.estimators import spectral_sure
+    x = torch.randn(5, 12, 2, dtype=torch.float64)
+    est = steinops.score_estimator("nu", bandwidth=torch.full((5,), 1.1, dtype=torch.float64),
+                                   lam=torch.full((5,), 1e-2, dtype=torch.float64))
+    whole = est.exact_sure(x)
+    monkeypatch.setattr(spectral_sure, "EXACT_SURE_CHUNK_ENTRIES", 2 * 12 * 12)  # chunks of 2 sets
+    torch.testing.assert_close(est.exact_sure(x), whole, rtol=1e-12, atol=1e-12)
+    est32 = steinops.score_estimator("nu", bandwidth=torch.full((5,), 1.1), lam=torch.full((5,), 1e-2))
+    t32 = est32.exact_sure(x.float())
+    assert t32.dtype == torch.float32
+    torch.testing.assert_close(t32.double(), whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ssge", "landweber"])
+def test_exact_sure_needs_no_probes_or_refits(monkeypatch, name):
+    # small d, M > LOO_MAX: the fresh search and the warm start score every candidate from one eigendecomposition
+    # (no Hutchinson backward passes, no finite-difference refits); the only fit is the final one
+    calls = _count_fits(monkeypatch)
+    monkeypatch.setattr(autotune, "rademacher_probes", None)  # would fail if called
+    est = steinops.score_estimator(name, bandwidth=AutoTune(warm_start=True))
+    M = autotune.LOO_MAX + 7
+    est.fit(_mixture(3).sample(M, 0.3))
+    assert len(calls) == 1
+    calls.clear()
+    est.fit(_mixture(3).sample(M, 0.3))
+    assert len(calls) == 1
+
+
+def test_hutchinson_sure_above_the_exact_dimension_limit():
+    from steinops.estimators.spectral_sure import EXACT_SURE_MAX_D
+    x = torch.randn(20, EXACT_SURE_MAX_D + 1, dtype=torch.float64)
+    est = steinops.score_estimator("ssge", bandwidth=torch.tensor(4.0, dtype=torch.float64),
+                                   eig_mass=torch.tensor(0.9, dtype=torch.float64))
+    assert not autotune.has_exact_sure(est, x) and autotune.has_exact_sure(est, x[:, :EXACT_SURE_MAX_D])
+    with pytest.raises(ValueError, match="probes"):
+        autotune.sure_terms(est, x, None)
+    assert torch.isfinite(autotune.sure_terms(est, x, autotune.rademacher_probes(x, 2))).all()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 
-def _divided_differences(lam: torch.Tensor, mask: torch.Tensor, power: int) -> torch.Tensor:
+def divided_differences(lam: torch.Tensor, mask: torch.Tensor, power: int) -> torch.Tensor:
     """F (..., M, M) of ``f = mask / lambda^power`` at the eigenvalues lam (..., M)."""
     li, lj = lam[..., :, None], lam[..., None, :]
     ki, kj = mask[..., :, None], mask[..., None, :]
@@ -64,8 +64,8 @@ class _TruncatedInverse(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             S_bar = U @ (inv[..., None] * Ut_Gbar + inv[..., None] ** 2 * Ut_Cbar)
         if ctx.needs_input_grad[0]:
-            inner = (_divided_differences(lam, mask, 1) * (Ut_Gbar @ W.mT)
-                     + _divided_differences(lam, mask, 2) * (Ut_Cbar @ W.mT))
+            inner = (divided_differences(lam, mask, 1) * (Ut_Gbar @ W.mT)
+                     + divided_differences(lam, mask, 2) * (Ut_Cbar @ W.mT))
             K_bar = U @ inner @ U.mT
             K_bar = 0.5 * (K_bar + K_bar.mT)
         return K_bar, S_bar, None

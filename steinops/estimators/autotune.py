@@ -13,16 +13,17 @@ itself, so integrate by parts in x_i with the other samples fixed: ``E[G_i . s(x
     E[ 1/2 |G_i|^2 + tr_i ]  =  1/2 E|G_i - grad log q(x_i)|^2  -  1/2 E|grad log q(x_i)|^2,
 
 an unbiased estimate of the in-sample error from one fit, for any estimator whose fit is differentiable in
-the samples (``sure_terms``). For the SGE and KEF with a diagonal kernel tr_i has a closed form
-(``stein_loo.py``; there it equals leave-one-out exactly: Li & Turner's prediction at x_i from the other
-samples *is* G_i). Otherwise tr_i is a Hutchinson estimate ``v_i . (J v)_i`` over ``SURE_PROBES``
-Rademacher probes shared by all candidates, with J v by autograd (SSGE, curl-free KEF) or by central
-differences of batched refits (Landweber, nu: Monte-Carlo SURE, Ramani, Blu & Unser 2008; their autograd
-backward revisits every iteration). The divergence of the *prediction* at the samples (what a held-out
-criterion computes) misses the fit's own dependence on x_i: on the two-mode toy it was 60 standard errors off
+the samples (``sure_terms``). tr_i is exact where the estimator allows it: for the SGE and KEF with a diagonal
+kernel in closed form (``stein_loo.py``; there it equals leave-one-out exactly: Li & Turner's prediction at x_i
+from the other samples *is* G_i), and for the other spectral filters of K with a diagonal kernel (SSGE,
+Landweber, nu) from one eigendecomposition (``spectral_sure.py``, for d <= ``EXACT_SURE_MAX_D``). Otherwise
+(curl-free kernels, larger d) tr_i is a Hutchinson estimate ``v_i . (J v)_i`` over ``SURE_PROBES`` Rademacher
+probes shared by all candidates, with J v by autograd (SSGE, curl-free KEF) or by central differences of
+batched refits (Landweber, nu: Monte-Carlo SURE, Ramani, Blu & Unser 2008; their autograd backward revisits
+every iteration). The divergence of the *prediction* at the samples (what a held-out criterion computes)
+misses the fit's own dependence on x_i: on the two-mode toy it was 60 standard errors off
 (``tests/test_autotune.py``). SSGE's truncation makes its fit jump where the count J changes, which the
-derivative does not see: there SURE was biased upward by 2.8 standard errors (M = 40, 400 sets); it still
-picked the in-sample oracle's candidate on all nine distributions at M = 1024.
+derivative does not see: there SURE was biased upward by 2.8 standard errors (M = 40, 400 sets).
 
 Leave-one-out by refits (criterion "loo"): every x_i is scored by the prediction of the fit on the other
 M - 1 samples (one batched fit of M sets per candidate, O(M^4) for dense solvers: up to ``LOO_MAX``).
@@ -31,16 +32,17 @@ over ``repeats`` random partitions. Both estimate the *out-of-sample* error of f
 prefers smoother candidates than the in-sample error does.
 
 "auto" (the default): the closed form where there is one (also on warm starts); leave-one-out by refits on a
-fresh search with M <= ``LOO_MAX``; SURE otherwise. Measured on ``benchmarks/accuracy.py`` (sigma = 0.1, the
-nine distributions, in-sample error over the in-sample oracle of the same grid): at M = 1024, SURE with 8
-probes is over 1.3x in 3 of the 27 SSGE / Landweber / nu cases: the SSGE and Landweber on the 2-D gmm (1.56x,
-1.63x, as 4-fold's were: bandwidth 1 x median where the oracle has 0.5) and nu on the spiral (1.32x).
-On that gmm sample the two best candidates differ by less than the probe noise (per probe, the standard
-deviation of the SURE gap was 3x the exact gap): with four other probe seeds the SSGE picked the oracle's
-candidate every time, and a second round of 24 probes for the candidates within 2 standard errors of the
-best changed one of 20 picks (1.01x either way) and none of the misses (so it was not kept). At M = 128,
-SURE's choice is noisier than leave-one-out's (on recorded fits, 4 of 27 cases of SSGE / Landweber / nu
-over 1.3x against 1), so small fresh searches keep leave-one-out.
+fresh search with M <= ``LOO_MAX``; SURE otherwise (exact where there is the spectral trace). Measured on
+``benchmarks/accuracy.py`` (sigma = 0.1, the nine distributions, in-sample error over the in-sample oracle of
+the same grid). At M = 1024 with 8 Hutchinson probes, SURE was over 1.3x in 3 of the 27 SSGE / Landweber / nu
+cases; the SSGE on the 2-D gmm (1.56x) was probe noise (per probe, the standard deviation of the SURE gap
+between the two best candidates was 3x the exact gap) and the exact trace picks the oracle's candidate there.
+What remains is the sampling noise of SURE itself: Landweber on that gmm (1.63x) and nu on the spiral (1.32x)
+pick a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 against per-point standard
+errors of 0.03 and 3), and over 8 sample sets the mean of SURE minus the true in-sample objective was within
+1.5 standard errors of 0 for every candidate examined. At M = 128 the exact SURE's choice is noisier than
+leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma = 0.5, against 1 and 1), so small
+fresh searches keep leave-one-out.
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
 estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard
@@ -48,7 +50,7 @@ error is known; the best candidate replaces the anchor only when it is better by
 standard errors (``SE_RULE`` for the closed form and K-fold: the closed form's argmin lost 1.9x to noise on
 the two-mode toy at M = 1024; ``LOO_SE_RULE`` = 0, plain argmin, for leave-one-out by refits: the anchor
 kept the SSGE's default 1.7x and 1.9x worse on the moons and the spiral at M = 128; ``SURE_SE_RULE`` for
-Hutchinson SURE). These rules were chosen on ``benchmarks/accuracy.py``, the benchmark the target is judged on.
+the other SURE). These rules were chosen on ``benchmarks/accuracy.py``, the benchmark the target is judged on.
 
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
 previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the neighbouring
@@ -71,6 +73,7 @@ import torch
 
 from ..bandwidth import MEDIAN_FACTOR, median_distance
 from .. import _checks
+from .spectral_sure import EXACT_SURE_MAX_D  # noqa: F401  (named in the docstrings)
 
 BANDWIDTH_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 LOO_MAX = 128  # leave-one-out by refits costs M fits of M - 1 points per candidate: O(M^4) for dense solvers
@@ -80,7 +83,7 @@ SURE_PROBES = 8  # Rademacher probes of the Hutchinson trace in the in-sample SU
 WARM_BANDWIDTH_STEPS = (2**-0.5, 1.0, 2**0.5)
 SE_RULE = 1.0  # K-fold and closed-form leave-one-out (the anchor rule)
 LOO_SE_RULE = 0.0  # leave-one-out by refits
-SURE_SE_RULE = 1.0  # SURE with a Hutchinson trace (the anchor rule)
+SURE_SE_RULE = 1.0  # SURE without a closed-form leave-one-out (the anchor rule)
 KFOLD_REPEATS = 4  # random K-fold partitions averaged on a fresh search (split-to-split noise)
 
 
@@ -93,7 +96,8 @@ class AutoTune:
             (times the new median distance) and knob. For refits on fresh batches in a training loop.
         criterion, folds, repeats, holdout, se_rule, probes: as for ``tune`` (criterion "auto": the
             closed-form leave-one-out (= SURE) of the SGE / diagonal KEF, leave-one-out by refits on a fresh
-            search with M <= ``LOO_MAX``, else in-sample SURE with ``probes`` Hutchinson probes; folds None: 4
+            search with M <= ``LOO_MAX``, else in-sample SURE: exact for the SSGE / Landweber / nu with a
+            diagonal kernel and d <= ``EXACT_SURE_MAX_D``, else with ``probes`` Hutchinson probes; folds None: 4
             up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
             4 folds, else 1).
         seed: seed of the random splits and probes (None: torch's global generator).
@@ -177,6 +181,21 @@ def has_closed_form_loo(est, x: torch.Tensor) -> bool:
     return check is not None and check(x)
 
 
+def has_exact_sure_for(est, x: torch.Tensor) -> bool:
+    """Whether candidates of ``est`` (numeric bandwidths) have an exact in-sample SURE on x (closed-form
+    leave-one-out, or ``est.exact_sure``)."""
+    return has_exact_sure(candidate(est, torch.ones(x.shape[:-2], dtype=x.dtype, device=x.device), None), x)
+
+
+def has_exact_sure(est, x: torch.Tensor) -> bool:
+    """Whether ``est`` gives its in-sample SURE terms on x exactly from one computation: the closed-form
+    leave-one-out of the SGE / diagonal KEF, or the spectral-filter trace (``est.exact_sure``)."""
+    if has_closed_form_loo(est, x):
+        return True
+    check = getattr(est, "exact_sure_fits", None)
+    return check is not None and check(x)
+
+
 def loo_terms(est, x: torch.Tensor) -> torch.Tensor:
     """Leave-one-out Hyvarinen terms (..., M): for each i, ``est`` (bandwidth and knob tensors of shape (...))
     fitted on the samples other than x_i and evaluated at x_i. In closed form where the estimator has one,
@@ -205,16 +224,21 @@ def rademacher_probes(x: torch.Tensor, n: int, generator: torch.Generator | None
     return [(torch.randint(0, 2, x.shape, generator=generator, dtype=torch.int64) * 2 - 1).to(x) for _ in range(n)]
 
 
-def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor]) -> torch.Tensor:
+def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor] | None, *, exact: bool = True) -> torch.Tensor:
     """In-sample SURE terms (..., M): ``1/2 |G_i|^2 + tr_i`` with G = ``est.fit(x).scores_`` and
     ``tr_i = sum_k dG_ik / dx_ik`` the diagonal block of the fit's total Jacobian (every sample moves the
-    fit). Exact in closed form where the estimator has one (``est.closed_form_loo``), else a Hutchinson
-    estimate ``v_i . (J v)_i`` averaged over the Rademacher ``probes`` (pass the same probes to every
-    candidate, so that their differences share the probe noise), with ``J v`` from one backward pass per
-    probe (``est.sure_jacobian == "autograd"``) or by central differences of batched refits on x +- eps v
+    fit). Exact where the estimator has it and ``exact`` (the closed form ``est.closed_form_loo`` of the SGE /
+    diagonal KEF, always; the spectral-filter trace ``est.exact_sure`` of the SSGE / Landweber / nu), else a
+    Hutchinson estimate ``v_i . (J v)_i`` averaged over the Rademacher ``probes`` (pass the same probes to
+    every candidate, so that their differences share the probe noise), with ``J v`` from one backward pass
+    per probe (``est.sure_jacobian == "autograd"``) or by central differences of batched refits on x +- eps v
     (``"finite_difference"``: Monte-Carlo SURE, for iterative fits whose backward costs many forwards)."""
     if has_closed_form_loo(est, x):
         return est.closed_form_loo(x.detach())
+    if exact and has_exact_sure(est, x):
+        return est.exact_sure(x.detach())
+    if not probes:
+        raise ValueError("probes must hold at least one Rademacher tensor where the trace is not exact")
     x = x.detach()
     if getattr(est, "sure_jacobian", "autograd") == "finite_difference":
         G, tr = _fd_traces(est, x, probes)
@@ -310,8 +334,9 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             when it is "auto" and held fixed otherwise. ``est.knob_grid(M)`` gives the knob's grid
             and ``est.knob_default(M)`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
-        criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, else Hutchinson with
-            ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal KEF, else M
+        criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, the exact spectral trace
+            for the SSGE / Landweber / nu with a diagonal kernel and d <= ``EXACT_SURE_MAX_D``, else
+            Hutchinson with ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal KEF, else M
             batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses one split), or
             "auto": the closed form where there is one, leave-one-out by refits on a fresh search with
             M <= ``LOO_MAX``, else SURE (see the module).
@@ -321,7 +346,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         bandwidth_mults, knob_values: the grid (knob_values overrides ``est.knob_grid``).
         previous: a previous result of ``tune`` for the same batch shape: warm start (see the module).
         se_rule: the best candidate must beat the anchor by this many standard errors (None: ``LOO_SE_RULE``
-            with leave-one-out by refits, ``SURE_SE_RULE`` with Hutchinson SURE, else ``SE_RULE``).
+            with leave-one-out by refits, ``SURE_SE_RULE`` with SURE, else ``SE_RULE``).
         probes: Rademacher probes of Hutchinson SURE (None: ``SURE_PROBES``).
         generator: of the random splits and probes (None: torch's global generator).
 
@@ -340,14 +365,16 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     criterion = _check_criterion(criterion)
     x = x.detach()
     closed_form = has_closed_form_loo_for(est, x)  # then SURE and leave-one-out coincide, exactly
+    exact = has_exact_sure_for(est, x)  # SURE without probes (closed form, or the spectral-filter trace)
     # "auto": the closed form where there is one; leave-one-out by refits on a small fresh search; else SURE
+    # (exact where the estimator has it, else Hutchinson)
     refit_loo = criterion == "auto" and not closed_form and not warm and M <= LOO_MAX
     use_loo = criterion == "loo" or refit_loo
     use_sure = criterion == "sure" or (criterion == "auto" and not refit_loo)
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds
     repeats = (KFOLD_REPEATS if folds > 1 and not warm else 1) if repeats is None else repeats
     partitions = None if use_sure or use_loo else [_splits(x, holdout, folds, generator) for _ in range(repeats)]
-    vs = rademacher_probes(x, SURE_PROBES if probes is None else probes, generator) if use_sure and not closed_form else None
+    vs = rademacher_probes(x, SURE_PROBES if probes is None else probes, generator) if use_sure and not exact else None
     med = median_distance(x)
     knob = est.knob if est.knob_is_auto() else None
     full = lambda v: torch.full(batch, float(v), dtype=x.dtype, device=x.device)  # noqa: E731
@@ -382,7 +409,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     n = diff.shape[-1]
     se = diff.std(-1) / math.sqrt(max(1, n - 1)) if n > 1 else torch.zeros_like(diff[..., 0])
     gain = diff.mean(-1)
-    if se_rule is None:  # the anchor rule, except for leave-one-out by refits and Hutchinson SURE (module docstring)
+    if se_rule is None:  # the anchor rule; plain argmin for leave-one-out by refits (module docstring)
         se_rule = SE_RULE if closed_form or partitions is not None else LOO_SE_RULE if use_loo else SURE_SE_RULE
     take = torch.isfinite(gain) & (gain < -se_rule * se)
     take = take | ~torch.isfinite(means[0])  # a broken anchor (e.g. NaN fit) never wins

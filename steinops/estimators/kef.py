@@ -78,6 +78,7 @@ from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import DEFAULT_ETA, ETA_GRID
+from .spectral_sure import exact_sure_affordable, landweber_coefficients, recursion_divided_differences, spectral_sure_terms
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
@@ -311,6 +312,34 @@ class _IterativeBase(_KScoreBase):
         """Number of iterations (...) for the regularisation lam (...)."""
         raise NotImplementedError
 
+    def _coefficients(self, k: int) -> tuple[float, float]:
+        """(mu_k, omega_k) of step k (Landweber: (0, 1))."""
+        raise NotImplementedError
+
+    def exact_sure_fits(self, x) -> bool:
+        """Whether ``exact_sure`` applies: diagonal kernel, a candidate (tensor bandwidth), dense, small d."""
+        return (not self.curl_free and isinstance(self.bandwidth, torch.Tensor) and dense_fits(x)
+                and exact_sure_affordable(x))
+
+    def exact_sure(self, x):
+        """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace
+        (``spectral_sure.py``: the filter and its divided differences from the fit's own recursion)."""
+        batch, M = x.shape[:-2], x.shape[-2]
+        h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
+        if self.n_iter is not None:
+            T = torch.full(batch, self.n_iter, dtype=torch.int64, device=x.device)
+        else:
+            T = self._steps(self.knob_tensor(batch, x).detach()).clamp_min(1)
+        T = T.reshape(-1)
+
+        def filter_fn(lam, K, idx):
+            if self.step is None:
+                step = 1.0 / (spectral_bound(K) / M)  # as the fit chooses it (no gradient)
+            else:
+                step = torch.full(lam.shape[:1], self.step, dtype=lam.dtype, device=lam.device)
+            return recursion_divided_differences(lam, step, T[idx.to(T.device)], M, self._coefficients)
+        return spectral_sure_terms(x, h, filter_fn, self.kernel.name)
+
     def _iterations(self, batch, like) -> torch.Tensor:
         if self.n_iter is not None:
             return torch.full(batch, self.n_iter, dtype=torch.int64, device=like.device)
@@ -378,6 +407,9 @@ class LandweberScoreEstimator(_IterativeBase):
     def _steps(self, lam):
         return torch.ceil(1.0 / lam).long()
 
+    def _coefficients(self, k):
+        return landweber_coefficients(k)
+
     @staticmethod
     def _run(matvec, Z, step, T):
         M = Z.shape[-2]
@@ -436,6 +468,9 @@ class NuMethodScoreEstimator(_IterativeBase):
 
     def _steps(self, lam):
         return torch.ceil(lam ** -0.5).long()
+
+    def _coefficients(self, k):
+        return nu_coefficients(k, self.nu)
 
     def _run(self, matvec, Z, step, T):
         M = Z.shape[-2]

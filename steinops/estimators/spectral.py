@@ -51,8 +51,10 @@ import numbers
 import torch
 
 from ..ops.gram import gram
-from ._spectral_filter import truncated_inverse
-from .base import ScoreEstimator, register
+from .. import _checks
+from ._spectral_filter import divided_differences, truncated_inverse
+from .base import ScoreEstimator, dense_fits, register
+from .spectral_sure import exact_sure_affordable, spectral_sure_terms
 
 DEFAULT_EIG_MASS = 0.99
 EIG_MASS_GRID = (0.9, 0.95, 0.99, 0.999)  # searched with bandwidth="auto" when eig_mass="auto"
@@ -134,12 +136,13 @@ class SpectralScoreEstimator(ScoreEstimator):
             return t
         return torch.full(batch_shape, _check_eig_mass(value), dtype=like.dtype, device=like.device)
 
-    def _mask(self, lam: torch.Tensor, mass: torch.Tensor | None) -> torch.Tensor:
-        """Eigenvalues (..., M) descending -> bool mask (..., M) of the eigenpairs kept."""
+    def _mask(self, lam: torch.Tensor, mass: torch.Tensor | None, eps: float | None = None) -> torch.Tensor:
+        """Eigenvalues (..., M) descending -> bool mask (..., M) of the eigenpairs kept (``eps``: the machine
+        epsilon of the numerically-zero rule, default lam's)."""
         M = lam.shape[-1]
         lam = lam.detach()
         lmax = lam[..., :1].clamp_min(0)
-        valid = lam > M * torch.finfo(lam.dtype).eps * lmax
+        valid = lam > M * (torch.finfo(lam.dtype).eps if eps is None else eps) * lmax
         if self.n_eigen is not None:
             idx = torch.arange(M, device=lam.device)
             return valid & (idx < self.n_eigen)
@@ -147,6 +150,23 @@ class SpectralScoreEstimator(ScoreEstimator):
         cum_before = torch.cumsum(pos, -1) - pos  # mass of the eigenpairs before j
         total = pos.sum(-1, keepdim=True)
         return valid & (cum_before < mass.detach()[..., None] * total)
+
+    def exact_sure_fits(self, x) -> bool:
+        """Whether ``exact_sure`` applies: a candidate (tensor bandwidth), dense Gram matrices, small d."""
+        return isinstance(self.bandwidth, torch.Tensor) and dense_fits(x) and exact_sure_affordable(x)
+
+    def exact_sure(self, x):
+        """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace
+        (``spectral_sure.py``: f = mask / lambda, the mask as the fit chooses it, in x's precision)."""
+        batch, M = x.shape[:-2], x.shape[-2]
+        h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
+        mass = None if self.n_eigen is not None else self.knob_tensor(batch, x).reshape(-1).double()
+        eps = torch.finfo(x.dtype).eps
+
+        def filter_fn(lam, K, idx):
+            mask = self._mask(lam, None if mass is None else mass[idx], eps)
+            return torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0), divided_differences(lam, mask, 1)
+        return spectral_sure_terms(x, h, filter_fn, self.kernel.name)
 
     def _fit(self, xc, h):
         M = xc.shape[-2]
