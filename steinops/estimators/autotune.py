@@ -38,9 +38,9 @@ the same grid). At M = 1024 with 8 Hutchinson probes, SURE was over 1.3x in 3 of
 cases; the SSGE on the 2-D gmm (1.56x) was probe noise (per probe, the standard deviation of the SURE gap
 between the two best candidates was 3x the exact gap) and the exact trace picks the oracle's candidate there.
 What remains is the sampling noise of SURE itself: Landweber on that gmm (1.63x) and nu on the spiral (1.32x)
-pick a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 against per-point standard
-errors of 0.03 and 3), and over 8 sample sets the mean of SURE minus the true in-sample objective was within
-1.5 standard errors of 0 for every candidate examined. At M = 128 the exact SURE's choice is noisier than
+pick a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 with paired standard errors
+of 0.015 and 1.2), and over 8 sample sets the mean of SURE minus the true in-sample objective was within 2.1
+standard errors of 0 for each of the 6 candidates examined (no bias seen). At M = 128 the exact SURE's choice is noisier than
 leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma = 0.5, against 1 and 1), so small
 fresh searches keep leave-one-out.
 
