@@ -61,6 +61,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.refits < 1 or a.samples < 8 or a.levels < 1 or not 0 < a.sigma_min <= a.sigma_max:
         p.error("need refits >= 1, samples >= 8, levels >= 1 and 0 < sigma-min <= sigma-max")
+    device = device_info(torch.device("cpu"))  # at the start: it records the load average
     dist = get_distribution("gmm")
     sigmas = torch.logspace(math.log10(a.sigma_max), math.log10(a.sigma_min), a.levels, dtype=torch.float64)
     gen = torch.Generator().manual_seed(a.seed)
@@ -91,7 +92,7 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if k != "out"}
-    out.write_text(json.dumps(dict(device=device_info(torch.device("cpu")), versions=versions(), settings=settings,
+    out.write_text(json.dumps(dict(device=device, versions=versions(), settings=settings,
                                    load_average_end=os.getloadavg(), rows=rows), indent=1))
     print(f"wrote {out}")
 
