@@ -457,3 +457,20 @@ def test_hutchinson_sure_above_the_exact_dimension_limit():
     with pytest.raises(ValueError, match="probes"):
         autotune.sure_terms(est, x, None)
     assert torch.isfinite(autotune.sure_terms(est, x, autotune.rademacher_probes(x, 2))).all()
+
+
+def test_exact_sure_shares_one_eigendecomposition_per_bandwidth(monkeypatch):
+    # the candidates of one bandwidth differ only in the filter: one eigh for them all, the same terms as without
+    x = _mixture(2).sample(3 * (autotune.LOO_MAX + 9), 0.3).reshape(3, autotune.LOO_MAX + 9, 2)
+    est = steinops.score_estimator("landweber", bandwidth="auto")
+    h = torch.full((3,), 0.8, dtype=x.dtype)
+    cache = {}
+    for lam in est.knob_grid(x.shape[-2]):
+        c = est.candidate(h, torch.full((3,), lam, dtype=x.dtype))
+        torch.testing.assert_close(autotune.sure_terms(c, x, None, cache=cache), autotune.sure_terms(c, x, None),
+                                   rtol=1e-12, atol=1e-12)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda K: calls.append(K.shape) or eigh(K))
+    tune(steinops.score_estimator("ssge", bandwidth="auto"), x)
+    assert len(calls) == 1 + len(autotune.BANDWIDTH_MULTS)  # the anchor's bandwidth, then one per grid multiple

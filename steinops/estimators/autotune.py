@@ -224,7 +224,8 @@ def rademacher_probes(x: torch.Tensor, n: int, generator: torch.Generator | None
     return [(torch.randint(0, 2, x.shape, generator=generator, dtype=torch.int64) * 2 - 1).to(x) for _ in range(n)]
 
 
-def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor] | None, *, exact: bool = True) -> torch.Tensor:
+def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor] | None, *, exact: bool = True,
+               cache: dict | None = None) -> torch.Tensor:
     """In-sample SURE terms (..., M): ``1/2 |G_i|^2 + tr_i`` with G = ``est.fit(x).scores_`` and
     ``tr_i = sum_k dG_ik / dx_ik`` the diagonal block of the fit's total Jacobian (every sample moves the
     fit). Exact where the estimator has it and ``exact`` (the closed form ``est.closed_form_loo`` of the SGE /
@@ -232,11 +233,13 @@ def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor] | None, *, exact
     Hutchinson estimate ``v_i . (J v)_i`` averaged over the Rademacher ``probes`` (pass the same probes to
     every candidate, so that their differences share the probe noise), with ``J v`` from one backward pass
     per probe (``est.sure_jacobian == "autograd"``) or by central differences of batched refits on x +- eps v
-    (``"finite_difference"``: Monte-Carlo SURE, for iterative fits whose backward costs many forwards)."""
+    (``"finite_difference"``: Monte-Carlo SURE, for iterative fits whose backward costs many forwards).
+    ``cache``: a dict kept across the candidates of one search (the exact trace reuses an eigendecomposition
+    between candidates of the same bandwidth)."""
     if has_closed_form_loo(est, x):
         return est.closed_form_loo(x.detach())
     if exact and has_exact_sure(est, x):
-        return est.exact_sure(x.detach())
+        return est.exact_sure(x.detach(), cache=cache)
     if not probes:
         raise ValueError("probes must hold at least one Rademacher tensor where the trace is not exact")
     x = x.detach()
@@ -389,13 +392,13 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         cands = [(full(MEDIAN_FACTOR), full(est.knob_default(M)) if knob else None)]
         cands += [(full(m), None if v is None else full(v)) for m, v in itertools.product(bandwidth_mults, values)]
 
-    terms = []
+    terms, sure_cache = [], {}  # candidates come grouped by bandwidth: the exact trace shares one eigh per group
     for mult, val in cands:
         cand = est.candidate(mult * med, val)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if use_sure:
-                t = sure_terms(cand, x, vs)  # (..., M)
+                t = sure_terms(cand, x, vs, cache=sure_cache)  # (..., M)
             elif use_loo:
                 t = loo_terms(cand, x)  # (..., M)
             else:

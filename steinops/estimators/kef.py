@@ -321,9 +321,10 @@ class _IterativeBase(_KScoreBase):
         return (not self.curl_free and isinstance(self.bandwidth, torch.Tensor) and dense_fits(x)
                 and exact_sure_affordable(x))
 
-    def exact_sure(self, x):
+    def exact_sure(self, x, cache: dict | None = None):
         """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace
-        (``spectral_sure.py``: the filter and its divided differences from the fit's own recursion)."""
+        (``spectral_sure.py``: the filter and its divided differences from the fit's own recursion; ``cache``
+        shares the eigendecomposition between candidates of one bandwidth)."""
         batch, M = x.shape[:-2], x.shape[-2]
         h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
         if self.n_iter is not None:
@@ -338,7 +339,7 @@ class _IterativeBase(_KScoreBase):
             else:
                 step = torch.full(lam.shape[:1], self.step, dtype=lam.dtype, device=lam.device)
             return recursion_divided_differences(lam, step, T[idx.to(T.device)], M, self._coefficients)
-        return spectral_sure_terms(x, h, filter_fn, self.kernel.name)
+        return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
 
     def _iterations(self, batch, like) -> torch.Tensor:
         if self.n_iter is not None:

@@ -155,9 +155,10 @@ class SpectralScoreEstimator(ScoreEstimator):
         """Whether ``exact_sure`` applies: a candidate (tensor bandwidth), dense Gram matrices, small d."""
         return isinstance(self.bandwidth, torch.Tensor) and dense_fits(x) and exact_sure_affordable(x)
 
-    def exact_sure(self, x):
+    def exact_sure(self, x, cache: dict | None = None):
         """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace
-        (``spectral_sure.py``: f = mask / lambda, the mask as the fit chooses it, in x's precision)."""
+        (``spectral_sure.py``: f = mask / lambda, the mask as the fit chooses it, in x's precision; ``cache``
+        shares the eigendecomposition between candidates of one bandwidth)."""
         batch, M = x.shape[:-2], x.shape[-2]
         h = _checks.bandwidth_tensor(self.bandwidth, batch, x)
         mass = None if self.n_eigen is not None else self.knob_tensor(batch, x).reshape(-1).double()
@@ -166,7 +167,7 @@ class SpectralScoreEstimator(ScoreEstimator):
         def filter_fn(lam, K, idx):
             mask = self._mask(lam, None if mass is None else mass[idx], eps)
             return torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0), divided_differences(lam, mask, 1)
-        return spectral_sure_terms(x, h, filter_fn, self.kernel.name)
+        return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
 
     def _fit(self, xc, h):
         M = xc.shape[-2]

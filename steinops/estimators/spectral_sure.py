@@ -45,22 +45,33 @@ EXACT_SURE_MAX_D = 16  # above, 8 Hutchinson probes are cheaper than the d M^3 p
 EXACT_SURE_CHUNK_ENTRIES = 2**23  # Gram entries per chunk of sample sets (about 12 M x M float64 buffers each)
 
 
-def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf") -> torch.Tensor:
+def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf", cache: dict | None = None) -> torch.Tensor:
     """Per-point in-sample SURE terms ``1/2 |G_i|^2 + tr_i`` of ``G = -f(K) S``; returns (..., M) in x's dtype.
 
     x (..., M, d) samples; h (...) bandwidths. ``filter_fn(lam, K, idx)`` gets the eigenvalues lam (n, M)
     (descending, float64) of the Gram matrices K (n, M, M) of the sets ``idx`` (indices into the flattened
     batch) and returns ``(f, Gam)``: the filter values (n, M) and their divided differences (n, M, M).
+    ``cache``: a dict kept by the caller across candidates; when the whole batch is one chunk it holds the
+    eigendecomposition and the filter-independent products of the last (x, h), so candidates that differ only
+    in the knob share them (``autotune.tune`` orders its grid by bandwidth).
     """
     batch, M, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     xf, hf = x.detach().reshape(-1, M, d), h.detach().reshape(-1)
     chunk = max(1, EXACT_SURE_CHUNK_ENTRIES // (M * M))
-    out = [_terms(xf[i:i + chunk], hf[i:i + chunk], filter_fn, torch.arange(i, min(i + chunk, len(xf))), kernel)
-           for i in range(0, len(xf), chunk)]
+    if cache is not None and len(xf) <= chunk:
+        key = (xf.data_ptr(), xf._version, tuple(xf.shape), str(xf.dtype), tuple(hf.tolist()), str(kernel))
+        if cache.get("key") != key:
+            cache.clear()
+            cache.update(key=key, parts=_parts(xf, hf, kernel))
+        out = [_terms(cache["parts"], filter_fn, torch.arange(len(xf)))]
+    else:
+        out = [_terms(_parts(xf[i:i + chunk], hf[i:i + chunk], kernel), filter_fn,
+                      torch.arange(i, min(i + chunk, len(xf)))) for i in range(0, len(xf), chunk)]
     return torch.cat(out).reshape(*batch, M).to(x.dtype)
 
 
-def _terms(x, h, filter_fn, idx, kernel):
+def _parts(x, h, kernel):
+    """Everything of the trace that does not depend on the filter (float64, centred)."""
     prof = get_kernel(kernel)
     x, h = x.double(), h.double()
     x = x - x.mean(-2, keepdim=True)
@@ -75,21 +86,26 @@ def _terms(x, h, filter_fn, idx, kernel):
     S = -2 * (D.sum(-1, keepdim=True) * x - D @ x)  # S_i = sum_j grad_{x_j} k(x_i, x_j)
     lam, U = torch.linalg.eigh(K)
     lam, U = lam.flip(-1), U.flip(-1)  # descending
-    f, Gam = filter_fn(lam, K, idx.to(x.device))
     W = U.mT @ S  # (n, M, d)
-    G = -U @ (f[..., None] * W)
-    F = (U * f[..., None, :]) @ U.mT
-    # the Stein term moves
-    c = (4 * D2 * r2 + 2 * d * D) * (1 - eye)
-    Fd = F.diagonal(dim1=-2, dim2=-1)
-    tr = -((F * c).sum(-1) - Fd * c.sum(-1))
-    # the filter moves
+    c = (4 * D2 * r2 + 2 * d * D) * (1 - eye)  # sum_k dS_mk / dx_ik for m != i
     Y = x @ W.mT  # (n, M, M): Y_jq = x_j . W_q
     DU = D @ U
     UY = U * Y
-    b1 = 2 * (((U * U) @ Gam) * (DU * Y - D @ UY)).sum(-1)
+    return dict(x=x, K=K, D=D, c=c, lam=lam, U=U, W=W, DU=DU, UY=UY, B=DU * Y - D @ UY)
+
+
+def _terms(p, filter_fn, idx):
+    x, D, U, W, DU, UY = p["x"], p["D"], p["U"], p["W"], p["DU"], p["UY"]
+    f, Gam = filter_fn(p["lam"], p["K"], idx.to(x.device))
+    G = -U @ (f[..., None] * W)
+    F = (U * f[..., None, :]) @ U.mT
+    # the Stein term moves
+    c = p["c"]
+    tr = -((F * c).sum(-1) - F.diagonal(dim1=-2, dim2=-1) * c.sum(-1))
+    # the filter moves
+    b1 = 2 * (((U * U) @ Gam) * p["B"]).sum(-1)
     b2 = 2 * (U * DU * (UY @ Gam)).sum(-1)
-    for k in range(d):
+    for k in range(x.shape[-1]):
         Z = (U * ((U * W[..., None, :, k]) @ Gam)) @ U.mT
         b2 = b2 - 2 * (D * Z * x[..., None, :, k]).sum(-1)
     tr = tr - (b1 + b2)
