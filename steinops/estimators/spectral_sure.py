@@ -25,14 +25,15 @@ matrices:
              Z^k = (U o V^k) U^T,   V^k = (U diag(W_:k)) Gam.
 
 Cost O((2 d + 6) M^3) plus one ``eigh`` per candidate, so it is used for d <= ``EXACT_SURE_MAX_D``: there it costs
-about as much as 8 Hutchinson probes or less (M = 512, one thread, d = 16: SSGE 0.19 s against 0.21 s, Landweber
-0.20 s against 0.90 s, nu 0.19 s against 0.15 s; d = 2: 0.09 s against 1.05, 0.59 and 0.09 s), and it has no probe
-noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two best SSGE candidates was 3x the
-gap itself). The Landweber / nu step 1 / b is chosen from K and held fixed, as the fit's autograd holds it: its own
-dependence on x_i is O(1/M) (1% of the trace at M = 9, against finite differences of refits). Divided differences of the iterative filters come
-from the filter's own recursion in divided-difference arithmetic (Leibniz rule ``[lambda c]_pq = c_q + lambda_p
-[c]_pq``), which is linear in ``[c]``: one forward and one adjoint pass over the eigenvalues and one (M x T)(T x M)
-product (``recursion_divided_differences``); exact, no division by eigenvalue gaps.
+about as much as 8 Hutchinson probes or less (M = 512, one thread of a 2-core Intel Xeon, d = 16: SSGE 0.19 s
+against 0.21 s, Landweber 0.20 s against 0.90 s, nu 0.19 s against 0.15 s; d = 2: 0.09 s against 1.05, 0.59 and
+0.09 s), and it has no probe noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two best
+SSGE candidates was 3x the gap itself). The Landweber / nu step 1 / b is chosen from K and held fixed, as the
+fit's autograd holds it: its own dependence on x_i is O(1/M) (1% of the trace at M = 9, against finite differences
+of refits). Divided differences of the iterative filters come from the filter's own recursion in
+divided-difference arithmetic (Leibniz rule ``[lambda c]_pq = c_q + lambda_p [c]_pq``), which is linear in
+``[c]``: one forward and one adjoint pass over the eigenvalues and one (M x T)(T x M) product
+(``recursion_divided_differences``); exact, no division by eigenvalue gaps.
 Computed in float64 whatever the input dtype (the traces cancel large terms, as in ``stein_loo.py``).
 """
 from __future__ import annotations
