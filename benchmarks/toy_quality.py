@@ -39,6 +39,9 @@ VARIANTS = {  # name -> options
     "stein+imq": ["--method", "stein", "--kernel", "imq"],
     "stein+imq+knn": ["--method", "stein", "--kernel", "imq", "--bandwidth", "knn"],
     "stein+eta0.3": ["--method", "stein", "--regularization", "0.3"],
+    "stein+ssge": ["--method", "stein", "--estimator", "ssge"],
+    "stein+landweber": ["--method", "stein", "--estimator", "landweber"],
+    "stein+nu": ["--method", "stein", "--estimator", "nu"],
     "ksd": ["--method", "ksd"],
 }
 KEYS = ("energy", "mmd", "sliced_w2", "mode_weight_error")
