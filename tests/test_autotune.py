@@ -381,7 +381,8 @@ def test_exact_sure_equals_the_jacobian_diagonal_blocks(name, kw, kernel):
     assert terms.shape == (2, 11)
     for b in range(2):
         one = {k: v[b] if isinstance(v, tuple) else v for k, v in kw.items()}
-        fit = lambda z: steinops.score_estimator(name, kernel, bandwidth=float(h[b]), **one).fit(z).scores_  # noqa: E731
+        fit = lambda z: (steinops.score_estimator(name, kernel, bandwidth=float(h[b]), **one)  # noqa: E731
+                         .fit(z).scores_)
         G = fit(x[b])
         J = torch.autograd.functional.jacobian(fit, x[b])  # (M, d, M, d)
         tr = torch.stack([J[i, :, i, :].diagonal().sum() for i in range(11)])

@@ -37,11 +37,11 @@ fresh search with M <= ``LOO_MAX``; SURE otherwise (exact where there is the spe
 the same grid). At M = 1024 with 8 Hutchinson probes, SURE was over 1.3x in 3 of the 27 SSGE / Landweber / nu
 cases; the SSGE on the 2-D gmm (1.56x) was probe noise (per probe, the standard deviation of the SURE gap
 between the two best candidates was 3x the exact gap) and the exact trace picks the oracle's candidate there.
-What remains is the sampling noise of SURE itself: Landweber on that gmm (1.63x) and nu on the spiral (1.32x)
-pick a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 with paired standard errors
-of 0.015 and 1.2), and over 8 sample sets the mean of SURE minus the true in-sample objective was within 2.1
-standard errors of 0 for each of the 6 candidates examined (no bias seen). At M = 128 the exact SURE's choice is noisier than
-leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma = 0.5, against 1 and 1), so small
+What remains is the sampling noise of SURE itself: Landweber on that gmm (1.63x) and nu on the spiral (1.32x) pick
+a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 with paired standard errors of 0.015
+and 1.2), and over 8 sample sets the mean of SURE minus the true in-sample objective was within 2.1 standard
+errors of 0 for each of the 6 candidates examined (no bias seen). At M = 128 the exact SURE's choice is noisier
+than leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma = 0.5, against 1 and 1), so small
 fresh searches keep leave-one-out.
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
@@ -339,10 +339,10 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
         criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, the exact spectral trace
             for the SSGE / Landweber / nu with a diagonal kernel and d <= ``EXACT_SURE_MAX_D``, else
-            Hutchinson with ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal KEF, else M
-            batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses one split), or
-            "auto": the closed form where there is one, leave-one-out by refits on a fresh search with
-            M <= ``LOO_MAX``, else SURE (see the module).
+            Hutchinson with ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal
+            KEF, else M batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses
+            one split), or "auto": the closed form where there is one, leave-one-out by refits on a fresh
+            search with M <= ``LOO_MAX``, else SURE (see the module).
         folds: number of disjoint held-out parts (default 4 for M <= 2048, else 1; 1 on a warm start).
         repeats: number of independent random K-fold partitions whose per-point terms are averaged
             (default ``KFOLD_REPEATS`` with 4 folds on a fresh search, else 1; see the module).

@@ -78,7 +78,8 @@ from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import DEFAULT_ETA, ETA_GRID
-from .spectral_sure import exact_sure_affordable, landweber_coefficients, recursion_divided_differences, spectral_sure_terms
+from .spectral_sure import (exact_sure_affordable, landweber_coefficients, recursion_divided_differences,
+                            spectral_sure_terms)
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 

@@ -166,7 +166,8 @@ class SpectralScoreEstimator(ScoreEstimator):
 
         def filter_fn(lam, K, idx):
             mask = self._mask(lam, None if mass is None else mass[idx], eps)
-            return torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0), divided_differences(lam, mask, 1)
+            f = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0)
+            return f, divided_differences(lam, mask, 1)
         return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
 
     def _fit(self, xc, h):

@@ -46,7 +46,8 @@ EXACT_SURE_MAX_D = 16  # above, 8 Hutchinson probes are cheaper than the d M^3 p
 EXACT_SURE_CHUNK_ENTRIES = 2**23  # Gram entries per chunk of sample sets (about 12 M x M float64 buffers each)
 
 
-def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf", cache: dict | None = None) -> torch.Tensor:
+def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf",
+                        cache: dict | None = None) -> torch.Tensor:
     """Per-point in-sample SURE terms ``1/2 |G_i|^2 + tr_i`` of ``G = -f(K) S``; returns (..., M) in x's dtype.
 
     x (..., M, d) samples; h (...) bandwidths. ``filter_fn(lam, K, idx)`` gets the eigenvalues lam (n, M)
@@ -128,9 +129,9 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
     so ``y_T = sum_k w_k(p) g_k`` with the adjoint weights ``w_T = 1``, ``w_k = alpha_{k+1} w_{k+1} + beta_{k+2}
     w_{k+2}``: two scalar passes of T steps over the M eigenvalues and one (M x T)(T x M) product, instead of T
     passes over M x M matrices. Exact (no division by eigenvalue gaps). ``coefficients(k) -> (mu_k, omega_k)``;
-    lam (n, M), step (n), T (n) int (sets with fewer steps stop early, as in the fit).
+    lam (n, M) with M the number of samples, step (n), T (n) int (sets with fewer steps stop early, as in the fit).
     """
-    n, M_ = lam.shape
+    n = lam.shape[0]
     T = T.to(lam.device)
     Tmax = int(T.max())
     st = step.to(lam)[:, None]  # (n, 1)
@@ -138,7 +139,7 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
     # forward: the scalar recursion on the eigenvalues, keeping c_{k-1} for the forcing g_k
     a = a_prev = torch.zeros_like(lam[:, :1])
     c = c_prev = v = torch.zeros_like(lam)
-    forcing = torch.empty(n, Tmax, M_, dtype=lam.dtype, device=lam.device)
+    forcing = torch.empty(n, Tmax, M, dtype=lam.dtype, device=lam.device)
     for k in range(1, Tmax + 1):
         mu, om = coef[k - 1]
         forcing[:, k - 1] = -(om / M) * st * c
@@ -149,7 +150,7 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
         a, c = torch.where(live, a_new, a), torch.where(live, c_new, c)
         v = a + lam * c
     # backward: adjoint weights w_k(p) of y_T, zero beyond each set's T
-    weights = torch.zeros(n, M_, Tmax, dtype=lam.dtype, device=lam.device)
+    weights = torch.zeros(n, M, Tmax, dtype=lam.dtype, device=lam.device)
     w1 = w2 = torch.zeros_like(lam)  # w_{k+1}, w_{k+2}
     for k in range(Tmax, 0, -1):
         if k < Tmax:
@@ -167,6 +168,7 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
 
 
 def landweber_coefficients(k: int) -> tuple[float, float]:
+    """(mu_k, omega_k) of Landweber's iteration in the nu-method's form: no momentum, unit step weight."""
     return 0.0, 1.0
 
 
