@@ -42,6 +42,7 @@ VARIANTS = {  # name -> options
     "stein+ssge": ["--method", "stein", "--estimator", "ssge"],
     "stein+landweber": ["--method", "stein", "--estimator", "landweber"],
     "stein+nu": ["--method", "stein", "--estimator", "nu"],
+    "stein+landweber+imq+knn": ["--method", "stein", "--estimator", "landweber", "--kernel", "imq", "--bandwidth", "knn"],
     "ksd": ["--method", "ksd"],
 }
 KEYS = ("energy", "mmd", "sliced_w2", "mode_weight_error")
