@@ -42,6 +42,7 @@ except ImportError:  # a source checkout that is not installed
 from steinops.bandwidth import median_distance
 from steinops.distributions import get_distribution
 from steinops.estimators import ESTIMATORS, autotune
+from steinops.estimators.spectral_sure import EXACT_SURE_MAX_D
 
 BANDWIDTH_MULTS = list(autotune.BANDWIDTH_MULTS)
 DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
@@ -139,7 +140,7 @@ def main(argv=None):
                         "(default: 0 with leave-one-out by refits, else 1)")
     p.add_argument("--probes", type=int, default=None,
                    help="Rademacher probes of auto's Hutchinson trace (SURE without an exact trace: curl-free "
-                        f"kernels, d > {autotune.EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
+                        f"kernels, d > {EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
     p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48 (leave-one-out by refits still runs), sigma = 0.5, 64 queries")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")

@@ -406,7 +406,8 @@ def test_exact_sure_with_the_tikhonov_filter_is_the_sge_closed_form():
 
 def test_recursion_divided_differences_match_the_filter():
     # Landweber's g_T in closed form: f(l) = (1 - (1 - step l / M)^T) / l; divided differences of separated values
-    from steinops.estimators.spectral_sure import landweber_coefficients, recursion_divided_differences
+    from steinops.estimators.kef import landweber_coefficients
+    from steinops.estimators.spectral_sure import recursion_divided_differences
     M, step, T = 7, 0.8, 9
     lam = torch.tensor([[5.0, 3.1, 2.0, 1.2, 0.7, 0.3, 0.05]], dtype=torch.float64)
     f, Gam = recursion_divided_differences(lam, torch.tensor([step], dtype=torch.float64), torch.tensor([T]), M,

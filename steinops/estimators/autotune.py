@@ -16,7 +16,7 @@ an unbiased estimate of the in-sample error from one fit, for any estimator whos
 the samples (``sure_terms``). tr_i is exact where the estimator allows it: for the SGE and KEF with a diagonal
 kernel in closed form (``stein_loo.py``; there it equals leave-one-out exactly: Li & Turner's prediction at x_i
 from the other samples *is* G_i), and for the other spectral filters of K with a diagonal kernel (SSGE,
-Landweber, nu) from one eigendecomposition (``spectral_sure.py``, for d <= ``EXACT_SURE_MAX_D``). Otherwise
+Landweber, nu) from one eigendecomposition (``spectral_sure.py``, for d <= ``spectral_sure.EXACT_SURE_MAX_D``). Otherwise
 (curl-free kernels, larger d) tr_i is a Hutchinson estimate ``v_i . (J v)_i`` over ``SURE_PROBES`` Rademacher
 probes shared by all candidates, with J v by autograd (SSGE, curl-free KEF) or by central differences of
 batched refits (Landweber, nu: Monte-Carlo SURE, Ramani, Blu & Unser 2008; their autograd backward revisits
@@ -73,7 +73,6 @@ import torch
 
 from ..bandwidth import MEDIAN_FACTOR, median_distance
 from .. import _checks
-from .spectral_sure import EXACT_SURE_MAX_D  # noqa: F401  (named in the docstrings)
 
 BANDWIDTH_MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 LOO_MAX = 128  # leave-one-out by refits costs M fits of M - 1 points per candidate: O(M^4) for dense solvers
@@ -97,7 +96,7 @@ class AutoTune:
         criterion, folds, repeats, holdout, se_rule, probes: as for ``tune`` (criterion "auto": the
             closed-form leave-one-out (= SURE) of the SGE / diagonal KEF, leave-one-out by refits on a fresh
             search with M <= ``LOO_MAX``, else in-sample SURE: exact for the SSGE / Landweber / nu with a
-            diagonal kernel and d <= ``EXACT_SURE_MAX_D``, else with ``probes`` Hutchinson probes; folds None: 4
+            diagonal kernel and d <= ``spectral_sure.EXACT_SURE_MAX_D``, else with ``probes`` Hutchinson probes; folds None: 4
             up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
             4 folds, else 1).
         seed: seed of the random splits and probes (None: torch's global generator).
@@ -190,8 +189,10 @@ def has_exact_sure_for(est, x: torch.Tensor) -> bool:
 def has_exact_sure(est, x: torch.Tensor) -> bool:
     """Whether ``est`` gives its in-sample SURE terms on x exactly from one computation: the closed-form
     leave-one-out of the SGE / diagonal KEF, or the spectral-filter trace (``est.exact_sure``)."""
-    if has_closed_form_loo(est, x):
-        return True
+    return has_closed_form_loo(est, x) or _has_spectral_trace(est, x)
+
+
+def _has_spectral_trace(est, x: torch.Tensor) -> bool:
     check = getattr(est, "exact_sure_fits", None)
     return check is not None and check(x)
 
@@ -238,7 +239,7 @@ def sure_terms(est, x: torch.Tensor, probes: list[torch.Tensor] | None, *, exact
     between candidates of the same bandwidth)."""
     if has_closed_form_loo(est, x):
         return est.closed_form_loo(x.detach())
-    if exact and has_exact_sure(est, x):
+    if exact and _has_spectral_trace(est, x):
         return est.exact_sure(x.detach(), cache=cache)
     if not probes:
         raise ValueError("probes must hold at least one Rademacher tensor where the trace is not exact")
@@ -338,7 +339,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             and ``est.knob_default(M)`` the anchor's value.
         x: samples (..., M, d); each fold holds out ``holdout`` of them (at least 1), at random.
         criterion: "sure" (in-sample SURE: closed form for the SGE / diagonal KEF, the exact spectral trace
-            for the SSGE / Landweber / nu with a diagonal kernel and d <= ``EXACT_SURE_MAX_D``, else
+            for the SSGE / Landweber / nu with a diagonal kernel and d <= ``spectral_sure.EXACT_SURE_MAX_D``, else
             Hutchinson with ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal
             KEF, else M batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses
             one split), or "auto": the closed form where there is one, leave-one-out by refits on a fresh

@@ -78,8 +78,7 @@ from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import DEFAULT_ETA, ETA_GRID
-from .spectral_sure import (exact_sure_affordable, landweber_coefficients, recursion_divided_differences,
-                            spectral_sure_terms)
+from .spectral_sure import exact_sure_applies, recursion_divided_differences, spectral_sure_terms
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
@@ -319,8 +318,7 @@ class _IterativeBase(_KScoreBase):
 
     def exact_sure_fits(self, x) -> bool:
         """Whether ``exact_sure`` applies: diagonal kernel, a candidate (tensor bandwidth), dense, small d."""
-        return (not self.curl_free and isinstance(self.bandwidth, torch.Tensor) and dense_fits(x)
-                and exact_sure_affordable(x))
+        return not self.curl_free and exact_sure_applies(self.bandwidth, x)
 
     def exact_sure(self, x, cache: dict | None = None):
         """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace
@@ -425,6 +423,11 @@ class LandweberScoreEstimator(_IterativeBase):
             a = torch.where(live, a - step, a)
             v = a[..., None, None] * Z + matvec(c)
         return a, c, v
+
+
+def landweber_coefficients(k: int) -> tuple[float, float]:
+    """(mu_k, omega_k) of Landweber's iteration in the nu-method's form: no momentum, unit step weight."""
+    return 0.0, 1.0
 
 
 def nu_coefficients(k: int, nu: float) -> tuple[float, float]:

@@ -53,8 +53,8 @@ import torch
 from ..ops.gram import gram
 from .. import _checks
 from ._spectral_filter import divided_differences, truncated_inverse
-from .base import ScoreEstimator, dense_fits, register
-from .spectral_sure import exact_sure_affordable, spectral_sure_terms
+from .base import ScoreEstimator, register
+from .spectral_sure import exact_sure_applies, spectral_sure_terms
 
 DEFAULT_EIG_MASS = 0.99
 EIG_MASS_GRID = (0.9, 0.95, 0.99, 0.999)  # searched with bandwidth="auto" when eig_mass="auto"
@@ -153,7 +153,7 @@ class SpectralScoreEstimator(ScoreEstimator):
 
     def exact_sure_fits(self, x) -> bool:
         """Whether ``exact_sure`` applies: a candidate (tensor bandwidth), dense Gram matrices, small d."""
-        return isinstance(self.bandwidth, torch.Tensor) and dense_fits(x) and exact_sure_affordable(x)
+        return exact_sure_applies(self.bandwidth, x)
 
     def exact_sure(self, x, cache: dict | None = None):
         """In-sample SURE terms (..., M) of this (unfitted) candidate on x with the exact trace

@@ -25,10 +25,10 @@ matrices:
              Z^k = (U o V^k) U^T,   V^k = (U diag(W_:k)) Gam.
 
 Cost O((2 d + 6) M^3) plus one ``eigh`` per candidate, so it is used for d <= ``EXACT_SURE_MAX_D``: there it costs
-about as much as 8 Hutchinson probes or less (M = 512, one thread of a 2-core Intel Xeon, d = 16: SSGE 0.19 s
-against 0.21 s, Landweber 0.20 s against 0.90 s, nu 0.19 s against 0.15 s; d = 2: 0.09 s against 1.05, 0.59 and
-0.09 s), and it has no probe noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two best
-SSGE candidates was 3x the gap itself). The Landweber / nu step 1 / b is chosen from K and held fixed, as the
+about as much as 8 Hutchinson probes or less (M = 512, one thread of a 2-core Intel Xeon, d = 16: SSGE 0.20 s
+against 0.19 s, Landweber 0.22 s against 1.01 s, nu 0.19 s against 0.16 s; d = 2: 0.08-0.10 s against 1.18, 0.62
+and 0.10 s), and it has no probe noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two
+best SSGE candidates was 3x the gap itself). The Landweber / nu step 1 / b is chosen from K and held fixed, as the
 fit's autograd holds it: its own dependence on x_i is O(1/M) (1% of the trace at M = 9, against finite differences
 of refits). Divided differences of the iterative filters come from the filter's own recursion in
 divided-difference arithmetic (Leibniz rule ``[lambda c]_pq = c_q + lambda_p [c]_pq``), which is linear in
@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import get_kernel
+from .base import dense_fits
+from .stein_loo import radial_terms, stein_term_trace
 
 EXACT_SURE_MAX_D = 16  # above, 8 Hutchinson probes are cheaper than the d M^3 products of the exact trace
 EXACT_SURE_CHUNK_ENTRIES = 2**23  # Gram entries per chunk of sample sets (about 12 M x M float64 buffers each)
@@ -74,36 +75,21 @@ def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf
 
 def _parts(x, h, kernel):
     """Everything of the trace that does not depend on the filter (float64, centred)."""
-    prof = get_kernel(kernel)
-    x, h = x.double(), h.double()
-    x = x - x.mean(-2, keepdim=True)
-    M, d = x.shape[-2], x.shape[-1]
-    hb = h[..., None, None]
-    sq = (x * x).sum(-1)
-    eye = torch.eye(M, dtype=x.dtype, device=x.device)
-    r2 = (sq[..., :, None] + sq[..., None, :] - 2 * x @ x.mT).clamp_min(0) * (1 - eye)
-    K = prof.value(r2, hb)
-    D = prof.deriv_of_value(K, hb)  # phi'(r2)
-    D2 = prof.deriv2_of_value(K, hb)  # phi''(r2)
-    S = -2 * (D.sum(-1, keepdim=True) * x - D @ x)  # S_i = sum_j grad_{x_j} k(x_i, x_j)
-    lam, U = torch.linalg.eigh(K)
+    p = radial_terms(x, h, kernel)
+    lam, U = torch.linalg.eigh(p["K"])
     lam, U = lam.flip(-1), U.flip(-1)  # descending
-    W = U.mT @ S  # (n, M, d)
-    c = (4 * D2 * r2 + 2 * d * D) * (1 - eye)  # sum_k dS_mk / dx_ik for m != i
-    Y = x @ W.mT  # (n, M, M): Y_jq = x_j . W_q
-    DU = D @ U
+    W = U.mT @ p["S"]  # (n, M, d)
+    Y = p["x"] @ W.mT  # (n, M, M): Y_jq = x_j . W_q
+    DU = p["D"] @ U
     UY = U * Y
-    return dict(x=x, K=K, D=D, c=c, lam=lam, U=U, W=W, DU=DU, UY=UY, B=DU * Y - D @ UY)
+    return dict(x=p["x"], K=p["K"], D=p["D"], c=p["c"], lam=lam, U=U, W=W, DU=DU, UY=UY, B=DU * Y - p["D"] @ UY)
 
 
 def _terms(p, filter_fn, idx):
     x, D, U, W, DU, UY = p["x"], p["D"], p["U"], p["W"], p["DU"], p["UY"]
     f, Gam = filter_fn(p["lam"], p["K"], idx.to(x.device))
     G = -U @ (f[..., None] * W)
-    F = (U * f[..., None, :]) @ U.mT
-    # the Stein term moves
-    c = p["c"]
-    tr = -((F * c).sum(-1) - F.diagonal(dim1=-2, dim2=-1) * c.sum(-1))
+    tr = stein_term_trace((U * f[..., None, :]) @ U.mT, p["c"])  # the Stein term moves
     # the filter moves
     b1 = 2 * (((U * U) @ Gam) * p["B"]).sum(-1)
     b2 = 2 * (U * DU * (UY @ Gam)).sum(-1)
@@ -167,11 +153,7 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
     return -v / M, -(dv + dv.mT) / (2 * M)  # symmetric in exact arithmetic; average the rounding
 
 
-def landweber_coefficients(k: int) -> tuple[float, float]:
-    """(mu_k, omega_k) of Landweber's iteration in the nu-method's form: no momentum, unit step weight."""
-    return 0.0, 1.0
-
-
-def exact_sure_affordable(x: torch.Tensor) -> bool:
-    """Whether the exact trace is the cheaper SURE on x (..., M, d): d <= ``EXACT_SURE_MAX_D``."""
-    return x.shape[-1] <= EXACT_SURE_MAX_D
+def exact_sure_applies(bandwidth, x: torch.Tensor) -> bool:
+    """Whether a candidate (tensor ``bandwidth``) gets the exact trace on x (..., M, d): dense Gram matrices within
+    budget and d <= ``EXACT_SURE_MAX_D`` (above, the d M^3 products cost more than Hutchinson probes)."""
+    return isinstance(bandwidth, torch.Tensor) and dense_fits(x) and x.shape[-1] <= EXACT_SURE_MAX_D

@@ -24,6 +24,30 @@ import torch
 from ..kernels import get_kernel
 
 
+def radial_terms(x: torch.Tensor, h: torch.Tensor, kernel="rbf") -> dict:
+    """The dense quantities every exact trace starts from, in float64 on centred samples x (..., M, d):
+    ``x``, ``r2`` (zero diagonal), ``K``, ``D = phi'(r2)``, ``S`` (the Stein term) and
+    ``c_ij = 4 phi''_ij r_ij^2 + 2 d phi'_ij`` (zero diagonal; ``sum_k dS_jk / dx_ik`` for j != i)."""
+    prof = get_kernel(kernel)
+    x, h = x.double(), h.double()
+    x = x - x.mean(-2, keepdim=True)
+    M, d = x.shape[-2], x.shape[-1]
+    hb = h[..., None, None]
+    sq = (x * x).sum(-1)
+    off = 1 - torch.eye(M, dtype=x.dtype, device=x.device)
+    r2 = (sq[..., :, None] + sq[..., None, :] - 2 * x @ x.mT).clamp_min(0) * off  # exact zeros on the diagonal
+    K = prof.value(r2, hb)
+    D = prof.deriv_of_value(K, hb)  # phi'(r2)
+    D2 = prof.deriv2_of_value(K, hb)  # phi''(r2)
+    S = -2 * (D.sum(-1, keepdim=True) * x - D @ x)  # S_i = sum_j grad_{x_j} k(x_i, x_j) = -2 sum_j phi'_ij u_ij
+    return dict(x=x, r2=r2, K=K, D=D, S=S, c=(4 * D2 * r2 + 2 * d * D) * off)
+
+
+def stein_term_trace(F: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The part of ``tr_i`` of ``G = -F S`` from the moving Stein term: ``-(sum_{l != i} F_il c_il - F_ii sum_j c_ij)``."""
+    return -((F * c).sum(-1) - F.diagonal(dim1=-2, dim2=-1) * c.sum(-1))
+
+
 def sge_loo_terms(x: torch.Tensor, h: torch.Tensor, eta: torch.Tensor, kernel="rbf") -> torch.Tensor:
     """Per-point leave-one-out Hyvarinen terms ``1/2 |G_i|^2 + tr_i`` of the SGE; returns (..., M).
 
@@ -33,27 +57,16 @@ def sge_loo_terms(x: torch.Tensor, h: torch.Tensor, eta: torch.Tensor, kernel="r
     x M = 512 of the 2-D gmm, 10 refits).
     """
     out_dtype = x.dtype
-    x, h, eta = x.double(), h.double(), eta.double()
-    prof = get_kernel(kernel)
-    x = x - x.mean(-2, keepdim=True)
-    M, d = x.shape[-2], x.shape[-1]
-    hb = h[..., None, None]
-    sq = (x * x).sum(-1)
-    r2 = (sq[..., :, None] + sq[..., None, :] - 2 * x @ x.mT).clamp_min(0)
+    t = radial_terms(x, h, kernel)
+    x, K, d1, S = t["x"], t["K"], t["D"], t["S"]
+    M = x.shape[-2]
     eye = torch.eye(M, dtype=x.dtype, device=x.device)
-    r2 = r2 * (1 - eye)  # exact zeros on the diagonal
-    K = prof.value(r2, hb)
-    d1 = prof.deriv_of_value(K, hb)  # phi'(r2)
-    d2 = prof.deriv2_of_value(K, hb)  # phi''(r2)
-    S = -2 * (d1.sum(-1, keepdim=True) * x - d1 @ x)  # S_i = sum_j grad_{x_j} k(x_i, x_j) = -2 sum_j phi'_ij u_ij
-    P = torch.cholesky_inverse(torch.linalg.cholesky(K + eta[..., None, None] * eye))
+    P = torch.cholesky_inverse(torch.linalg.cholesky(K + eta.double()[..., None, None] * eye))
     G = -P @ S
     Pd = P.diagonal(dim1=-2, dim2=-1)  # (..., M)
     a = (x * G).sum(-1, keepdim=True)  # x_m . G_m
     t1a = (x * (d1 @ G)).sum(-1) - (d1 @ a)[..., 0]  # sum_m phi'_im u_im . G_m
     Q = P * d1
     t1b = (G * (Q.sum(-1, keepdim=True) * x - Q @ x)).sum(-1)  # G_i . sum_l P_il phi'_il u_il
-    c = (4 * d2 * r2 + 2 * d * d1) * (1 - eye)
-    t2 = (P * c).sum(-1) - Pd * c.sum(-1)
-    tr = -(2 * Pd * t1a + 2 * t1b + t2)
+    tr = stein_term_trace(P, t["c"]) - 2 * Pd * t1a - 2 * t1b
     return (0.5 * (G * G).sum(-1) + tr).to(out_dtype)
