@@ -28,21 +28,25 @@ from train.config import resolve  # noqa: E402
 from train.loop import train_and_evaluate  # noqa: E402
 
 PRESETS = ("toy", "eight_gaussians", "rings", "checkerboard", "spiral", "moons")
-VARIANTS = {  # name -> options
+NO_WINDOW = ["--window-neff", "0"]  # the estimator at every level (the default before window targets)
+VARIANTS = {  # name -> options; "stein" is the presets' default (window targets where n_eff >= 20)
     "dsm": ["--method", "dsm"],
     "ssm": ["--method", "ssm"],
     "stein": ["--method", "stein"],
-    "stein+cap4": ["--method", "stein", "--sigma-bandwidth", "4"],
-    "stein+auto": ["--method", "stein", "--bandwidth", "auto"],
-    "stein+knn": ["--method", "stein", "--bandwidth", "knn"],
-    "stein+m256": ["--method", "stein", "--levels-per-step", "2"],
-    "stein+imq": ["--method", "stein", "--kernel", "imq"],
-    "stein+imq+knn": ["--method", "stein", "--kernel", "imq", "--bandwidth", "knn"],
-    "stein+eta0.3": ["--method", "stein", "--regularization", "0.3"],
-    "stein+ssge": ["--method", "stein", "--estimator", "ssge"],
-    "stein+landweber": ["--method", "stein", "--estimator", "landweber"],
-    "stein+nu": ["--method", "stein", "--estimator", "nu"],
-    "stein+landweber+imq+knn": ["--method", "stein", "--estimator", "landweber", "--kernel", "imq", "--bandwidth", "knn"],
+    "stein+window8": ["--method", "stein", "--window-neff", "8"],
+    "stein+window0": ["--method", "stein", *NO_WINDOW],
+    "stein+cap4": ["--method", "stein", "--sigma-bandwidth", "4", *NO_WINDOW],
+    "stein+auto": ["--method", "stein", "--bandwidth", "auto", *NO_WINDOW],
+    "stein+knn": ["--method", "stein", "--bandwidth", "knn", *NO_WINDOW],
+    "stein+m256": ["--method", "stein", "--levels-per-step", "2", *NO_WINDOW],
+    "stein+imq": ["--method", "stein", "--kernel", "imq", *NO_WINDOW],
+    "stein+imq+knn": ["--method", "stein", "--kernel", "imq", "--bandwidth", "knn", *NO_WINDOW],
+    "stein+eta0.3": ["--method", "stein", "--regularization", "0.3", *NO_WINDOW],
+    "stein+ssge": ["--method", "stein", "--estimator", "ssge", *NO_WINDOW],
+    "stein+landweber": ["--method", "stein", "--estimator", "landweber", *NO_WINDOW],
+    "stein+nu": ["--method", "stein", "--estimator", "nu", *NO_WINDOW],
+    "stein+landweber+imq+knn": ["--method", "stein", "--estimator", "landweber", "--kernel", "imq", "--bandwidth",
+                                "knn", *NO_WINDOW],
     "ksd": ["--method", "ksd"],
 }
 KEYS = ("energy", "mmd", "sliced_w2", "mode_weight_error")

@@ -34,6 +34,7 @@ CASES = {  # label -> extra options
     "sm": ["--method", "sm"],
     "stein": ["--method", "stein"],
     "stein (auto bandwidth, tune_every 25)": ["--method", "stein", "--bandwidth", "auto"],
+    "stein, estimator at every level (--window-neff 0)": ["--method", "stein", "--window-neff", "0"],
     "ssge": ["--method", "stein", "--estimator", "ssge"],
     "kef": ["--method", "stein", "--estimator", "kef"],
     "ksd": ["--method", "ksd"],

@@ -112,6 +112,32 @@ std::tuple<at::Tensor, at::Tensor> pairwise_median_cpu(const at::Tensor& x) {
   return cpu::pairwise_median(x);
 }
 
+std::tuple<at::Tensor, at::Tensor> window_score_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
+                                                    const at::Tensor& exclude) {
+  const char* op = "steinops_C::window_score";
+  check_tensor3(op, "x", x, "(B, M, d)");
+  check_tensor3(op, "y", y, "(B, N, d)");
+  check_same_dtype(op, "y", y, x);
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(2) == x.size(2), op, ": y must have shape (B, N, d) = (", x.size(0),
+              ", N, ", x.size(2), "), got ", y.sizes());
+  TORCH_CHECK(x.size(1) >= 1, op, ": x needs at least one sample per set, got ", x.sizes());
+  TORCH_CHECK(h.defined() && h.dim() == 1 && h.size(0) == x.size(0) && h.device().is_cpu() && h.is_contiguous(), op,
+              ": h must be a contiguous CPU tensor of shape (B,) = (", x.size(0), ",)");
+  check_same_dtype(op, "h", h, x);
+  TORCH_CHECK(exclude.defined() && exclude.dim() == 1 && exclude.scalar_type() == at::kLong &&
+                  exclude.device().is_cpu() && exclude.is_contiguous(),
+              op, ": exclude must be a contiguous CPU long tensor (N,) or empty");
+  if (exclude.numel() > 0) {
+    TORCH_CHECK(exclude.size(0) == y.size(1), op, ": exclude must have one entry per query (", y.size(1), "), got ",
+                exclude.size(0));
+    TORCH_CHECK(x.size(1) >= 2, op, ": leaving one sample out needs at least 2 samples per set, got ", x.size(1));
+    const auto lo = exclude.min().item<int64_t>(), hi = exclude.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < x.size(1), op, ": exclude must index the ", x.size(1), " samples, got values in [",
+                lo, ", ", hi, "]");
+  }
+  return cpu::window_score(x, y, h, exclude);
+}
+
 bool built_with_cuda() {
 #ifdef STEINOPS_WITH_CUDA
   return true;
@@ -138,6 +164,7 @@ TORCH_LIBRARY(steinops_C, m) {
   m.def("cholesky(Tensor A, Tensor? B=None) -> (Tensor, Tensor, Tensor)");
   m.def("pairwise_median(Tensor x) -> (Tensor, Tensor)");
   m.def("sge_small(Tensor x, Tensor h, Tensor eta, int kernel) -> (Tensor, Tensor, Tensor)");
+  m.def("window_score(Tensor x, Tensor y, Tensor h, Tensor exclude) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(steinops_C, CPU, m) {
@@ -147,6 +174,7 @@ TORCH_LIBRARY_IMPL(steinops_C, CPU, m) {
   m.impl("cholesky", &steinops::cpu::cholesky_solve_small);
   m.impl("pairwise_median", &steinops::pairwise_median_cpu);
   m.impl("sge_small", &steinops::sge_small_cpu);
+  m.impl("window_score", &steinops::window_score_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -54,6 +54,17 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert all(0 < row[k] < 10 for k in ("default_out", "auto_in", "auto_out", "oracle_out"))
 
 
+def test_window_targets_benchmark_quick(tmp_path):
+    data = _run(["benchmarks/window_targets.py", "--data", "two_mode", "--queries", "16", "--replicates", "4",
+                 "--group-size", "64"], tmp_path)
+    rows = data["rows"]
+    assert [r["level"] for r in rows] == list(range(len(rows))) and all(r["finer"] < r["sigma"] for r in rows)
+    for r in rows:
+        assert 0 < r["regression"]["total"] and 0 < r["window"]["total"] and r["window"]["neff_median"] >= 1
+    # the coarsest level: the window's smoothing is the noise itself, its n_eff is large and its bias tiny
+    assert rows[0]["window"]["neff_median"] > 10 and rows[0]["window"]["total"] < rows[0]["regression"]["total"]
+
+
 def test_level_attribution_on_a_smoke_run(tmp_path):
     from train.config import resolve
     from train.loop import train_and_evaluate

@@ -481,3 +481,108 @@ def test_sigma_bandwidth_caps_the_rule_per_group():
             get_objective("stein", sigma_bandwidth=bad)
     with pytest.raises(ValueError, match="sigma_bandwidth"):
         get_objective("stein", sigma_bandwidth=2.0, bandwidth=steinops.AutoTune())
+
+
+# ---------------------------------------------------------------------------------------------- window targets
+class RecordingZero(nn.Module):
+    """s = 0 (a leaf that keeps its gradient): the stein loss's gradient then hands back the targets,
+    d loss / d s = sigma^2 (s - t) / (G m); records the inputs and levels the objective trained on."""
+
+    def forward(self, x, sigma):
+        self.x, self.sigma = x.detach(), sigma.detach()
+        self.s = torch.zeros_like(x, requires_grad=True)
+        return self.s
+
+
+def targets_of(objective, batch, generator):
+    model = RecordingZero()
+    loss, diag = objective(model, batch, generator=generator)
+    loss.backward()
+    G, m = batch.noisy.shape[:2]
+    t = -model.s.grad * (G * m) / model.sigma[:, None] ** 2
+    return model.x, model.sigma, t, diag
+
+
+def test_window_targets_train_the_coarser_level_against_exact_scores():
+    """Each group with a coarser level gives targets for it at y ~ q_{sigma_c}; those targets are near the exact
+    score of q_{sigma_c} (not of the group's own level); the finest level always keeps its regression targets."""
+    from steinops.distributions import get_distribution
+    dist = get_distribution("two_mode")
+    gen = torch.Generator().manual_seed(11)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=DT)
+    batch = perturb(dist.sample(4 * 384, generator=gen), sigmas, 4, generator=gen)
+    obj = get_objective("stein", window_neff=5)
+    x, sig, t, diag = targets_of(obj, batch, gen)
+    assert diag["window_groups"] == 0.75 and diag["window_neff"] >= 5
+    levels = sorted(set(sig.tolist()))
+    # every level once: 8, 4 and 2 from the next finer group's windows, the finest by regression
+    assert {s: int((sig == s).sum()) for s in levels} == {1.0: 384, 2.0: 384, 4.0: 384, 8.0: 384}
+    noisy = batch.noisy.reshape(-1, 2)
+    for s_c in (2.0, 4.0, 8.0):
+        win = (sig == s_c).nonzero()[:, 0]
+        assert not any(bool((noisy == x[r]).all(-1).any()) for r in win[:20])  # fresh points y, not samples
+        err = lambda s: float((t[win] - dist.score(x[win], s)).square().sum(-1).mean()  # noqa: E731
+                              / dist.score(x[win], s).square().sum(-1).mean())
+        assert err(s_c) < 0.15 and err(s_c) < 0.5 * err(s_c / 2), (s_c, err(s_c), err(s_c / 2))
+    fine = (sig == 1.0).nonzero()[:, 0]
+    assert torch.equal(x[fine], batch.noisy[batch.level == 3][0])  # the finest group regresses in-sample
+    assert obj.state_dict()["window_neff"].shape == (4,)
+
+
+def test_window_targets_regress_a_level_until_its_finer_level_was_seen():
+    from steinops.distributions import get_distribution
+    dist = get_distribution("two_mode")
+    gen = torch.Generator().manual_seed(13)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=DT)
+    full = perturb(dist.sample(4 * 64, generator=gen), sigmas, 4, generator=gen)
+    keep = (full.level <= 1).nonzero()[:, 0]  # the groups of levels 8 and 4 only
+    top = dataclasses.replace(full, clean=full.clean[keep], noisy=full.noisy[keep], noise=full.noise[keep],
+                              sigma=full.sigma[keep], level=full.level[keep])
+    fresh = get_objective("stein", window_neff=5)
+    _, sig, _, _ = targets_of(fresh, top, gen)  # 8 from 4's windows; 4 regresses (level 2 never seen)
+    assert sorted(sig.tolist()) == [4.0] * 64 + [8.0] * 64
+    seen = get_objective("stein", window_neff=5)
+    targets_of(seen, full, gen)
+    _, sig, _, _ = targets_of(seen, top, gen)  # level 2 was seen dense enough: 4 waits for its windows
+    assert sig.tolist() == [8.0] * 64
+    restored = get_objective("stein", window_neff=5)
+    restored.load_state_dict(seen.state_dict())
+    assert targets_of(restored, top, gen)[1].tolist() == [8.0] * 64
+    k = int((top.level == 0).nonzero()[0, 0])  # the coarsest level alone, already covered by level 4's windows
+    only_top = dataclasses.replace(top, clean=top.clean[k:k + 1], noisy=top.noisy[k:k + 1],
+                                   noise=top.noise[k:k + 1], sigma=top.sigma[k:k + 1], level=top.level[k:k + 1])
+    assert targets_of(seen, only_top, gen)[1].tolist() == [8.0] * 64
+
+
+def test_window_targets_fall_back_where_windows_are_empty_and_need_the_schedule():
+    gen = torch.Generator().manual_seed(12)
+    sigmas = torch.tensor([1.0, 0.01], dtype=DT)
+    batch = perturb(torch.randn(64, 8, dtype=DT) * 10, sigmas, 2, generator=gen)  # sparse in 8-D at h ~ 1
+    obj = get_objective("stein", window_neff=20)
+    _, sig, _, diag = targets_of(obj, batch, gen)
+    assert diag["window_groups"] == 0.0 and sorted(set(sig.tolist())) == [0.01, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        obj(RecordingZero(), dataclasses.replace(batch, sigmas=None))
+    for bad in (0.5, -1, float("nan"), True, "20"):
+        with pytest.raises(ValueError, match="window_neff"):
+            get_objective("stein", window_neff=bad)
+
+
+def test_window_targets_keep_autotune_on_the_whole_batch():
+    """AutoTune reuses its choice only for a fixed batch shape, so with window targets it still fits every
+    group (and regresses only those that need it): tune_every is honoured."""
+    from steinops.distributions import get_distribution
+    gen = torch.Generator().manual_seed(14)
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=DT)
+    obj = get_objective("stein", window_neff=5, bandwidth=steinops.AutoTune(warm_start=True, tune_every=3, seed=0))
+    tunes = []
+    real_tune = steinops.estimators.base.tune
+    try:
+        steinops.estimators.base.tune = lambda *a, **k: tunes.append(1) or real_tune(*a, **k)
+        for _ in range(6):
+            batch = perturb(get_distribution("two_mode").sample(4 * 32, generator=gen), sigmas, 4, generator=gen)
+            _, sig, _, _ = targets_of(obj, batch, gen)
+            assert obj.estimator._last_tuned["bandwidth_mult"].shape == (4,)
+    finally:
+        steinops.estimators.base.tune = real_tune
+    assert len(tunes) == 2 and sorted(set(sig.tolist())) == [1.0, 2.0, 4.0, 8.0]

@@ -43,9 +43,9 @@ def test_every_method_writes_its_outputs(tmp_path, method):
     assert any(p.startswith("score_field") for p in pngs) and any(p.startswith("trajectories") for p in pngs)
 
 
-@pytest.mark.parametrize("method", ["dsm", "stein", "ssm"])
+@pytest.mark.parametrize("method", ["dsm", "stein", "ssm", "stein --window-neff 4"])  # smoke: window_neff 0
 def test_resume_is_bit_exact(tmp_path, method):
-    base = SMOKE + ["--method", method, "--ckpt-every", "7", "--log-every", "1", "--eval-every", "7"]
+    base = SMOKE + ["--method", *method.split(), "--ckpt-every", "7", "--log-every", "1", "--eval-every", "7"]
     straight = Run(resolve(base + ["--out", str(tmp_path / "a"), "--steps", "20"]))
     straight.train()
     first = Run(resolve(base + ["--out", str(tmp_path / "b"), "--steps", "14"]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import steinops
+from steinops.estimators.window import window_score
 from steinops.sgm import metrics, samplers
 
 from . import plots
@@ -17,10 +18,15 @@ from .config import estimator_options
 
 
 @torch.no_grad()
-def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group_size=None) -> dict:
+def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group_size=None,
+               window: float = 0.0) -> dict:
     """Relative Fisher error E|s - s*|^2 / E|s*|^2 per level at n fresh samples of q_sigma, for the network
     ``model`` and (if given) the raw ``estimator`` fitted in-sample on ``group_size`` of those samples per level
-    (what the stein objective regresses on)."""
+    (what the stein objective regresses on). With ``window`` > 0 (the objective's n_eff threshold), also the
+    stein objective's window targets of each level (``fisher_window``; None for the finest level, which has
+    none) as it makes them: from ``group_size`` samples of the next finer level at y = x + h z, their median
+    n_eff (``window_neff``), and the mean error over the levels whose median n_eff reaches the threshold
+    (``fisher_window_mean``: the levels the windows train; None if there are none)."""
     xs = torch.stack([dist.sample(n, float(s), generator=generator) for s in sigmas])  # (L, n, d) float64
     exact = torch.stack([dist.score(x, float(s)) for x, s in zip(xs, sigmas)])
     x32 = xs.to(sigmas.dtype)
@@ -32,6 +38,19 @@ def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group
         g = estimator.fit(x32[:, :m]).scores_.double()
         row["fisher_estimator"] = [metrics.relative_fisher_error(a, b) for a, b in zip(g, exact[:, :m])]
         row["fisher_estimator_mean"] = sum(row["fisher_estimator"]) / len(sigmas)
+    if window > 0:
+        m = min(n, group_size)
+        errs, neffs = [None] * len(sigmas), [None] * len(sigmas)
+        for level in range(len(sigmas) - 1):  # sigmas descending: level + 1 is the next finer
+            h = math.sqrt(float(sigmas[level]) ** 2 - float(sigmas[level + 1]) ** 2)
+            x = x32[level + 1, :m]
+            y = x + h * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            g, neff = window_score(x, y, h, exclude=torch.arange(m), return_neff=True)
+            errs[level] = metrics.relative_fisher_error(g.double(), dist.score(y.double(), float(sigmas[level])))
+            neffs[level] = float(neff.median())
+        row["fisher_window"], row["window_neff"] = errs, neffs
+        used = [e for e, k in zip(errs, neffs) if k is not None and k >= window]
+        row["fisher_window_mean"] = sum(used) / len(used) if used else None
     return row
 
 
@@ -175,10 +194,13 @@ def make_plots(run, results, rows):
                  title=f"{cfg.method} training loss")
     evals = [r for r in rows if r.get("kind") == "eval"]
     if evals:
-        plots.curves(pdir / "fisher.png", evals, keys=["fisher_net_mean", "fisher_estimator_mean"],
+        keys = ["fisher_net_mean", "fisher_estimator_mean"] + (["fisher_window_mean"] if cfg.window_neff else [])
+        plots.curves(pdir / "fisher.png", evals, keys=keys,
                      title="relative Fisher error vs exact score (mean over levels)")
         per = {"network (EMA)": evals[-1]["fisher_net"]}
         if "fisher_estimator" in evals[-1]:
             per[f"raw {cfg.estimator} estimates"] = evals[-1]["fisher_estimator"]
+        if "fisher_window" in evals[-1]:
+            per[f"window targets (trained where n_eff >= {cfg.window_neff:g})"] = evals[-1]["fisher_window"]
         plots.fisher_per_level(pdir / "fisher_per_level.png", per, [float(s) for s in sigmas],
                                title=f"{cfg.method}: relative Fisher error per noise level")

@@ -211,7 +211,8 @@ class Run:
         if self.cfg.method == "stein":
             est = steinops.score_estimator(self.cfg.estimator, **estimator_options(self.cfg))
         return fisher_row(self.ema.module, self.dist, self.sigmas, self.cfg.n_eval, step=self.step,
-                          generator=gen, estimator=est, group_size=self.group_size)
+                          generator=gen, estimator=est, group_size=self.group_size,
+                          window=self.cfg.window_neff if self.cfg.method == "stein" else 0.0)
 
 
 def train_and_evaluate(cfg: Config):

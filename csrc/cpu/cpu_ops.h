@@ -89,5 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_small(const at::Tensor& x, co
 // each (pairwise_median.cpp).
 std::tuple<at::Tensor, at::Tensor> pairwise_median(const at::Tensor& x);
 
+// The Gaussian-window Stein ratio of B sample sets x (B,M,d) at queries y (B,N,d) with bandwidths h (B,),
+// leaving out sample exclude[n] for query n (exclude (N,) long, or empty): g (B,N,d) and n_eff (B,N)
+// (window_score.cpp).
+std::tuple<at::Tensor, at::Tensor> window_score(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
+                                                const at::Tensor& exclude);
+
 }  // namespace cpu
 }  // namespace steinops

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
 from ..estimators.base import ESTIMATORS, score_estimator
+from ..estimators.window import window_score
 from ..ops.ksd import ksd
-from .distributed import gather_groups, local_rows
+from .distributed import gather_groups, local_rows, rank_and_world
 
 PROJECTIONS = ("rademacher", "gaussian")
 
@@ -50,6 +51,8 @@ class NoisyBatch:
         noise: (G, m, *shape) the standard normal noise z.
         sigma: (G,) the level of each group (dtype of the data).
         level: (G,) long, the index of each level in ``schedule.sigmas``.
+        sigmas: (L,) all levels of the schedule, largest first (``perturb`` sets it; objectives that train
+            one level from another group's samples need it), or None.
     """
 
     clean: Tensor
@@ -57,6 +60,7 @@ class NoisyBatch:
     noise: Tensor
     sigma: Tensor
     level: Tensor
+    sigmas: Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -84,7 +88,7 @@ class NoisyBatch:
         k = m // world
         cut = lambda t: t[:, rank * k:(rank + 1) * k]
         return NoisyBatch(clean=cut(self.clean), noisy=cut(self.noisy), noise=cut(self.noise), sigma=self.sigma,
-                          level=self.level)
+                          level=self.level, sigmas=self.sigmas)
 
 
 def _positive_int(name: str, value) -> int:
@@ -131,7 +135,7 @@ def perturb(x: Tensor, sigmas: Tensor, levels_per_step: int, *, generator: torch
     clean = x[: G * m].reshape(G, m, *shape)
     noise = torch.randn(clean.shape, generator=generator, dtype=x.dtype, device=_on(generator, x.device)).to(x.device)
     noisy = clean + sigma.view(G, 1, *([1] * len(shape))) * noise
-    return NoisyBatch(clean=clean, noisy=noisy, noise=noise, sigma=sigma, level=level)
+    return NoisyBatch(clean=clean, noisy=noisy, noise=noise, sigma=sigma, level=level, sigmas=sigmas.to(x.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +345,16 @@ class SteinObjective(Objective):
     local m / W rows only: no communication, but a noisier and (through the bandwidth and the ridge) more
     biased estimate. Without an initialised process group both are the single-process objective.
 
+    Window targets (``window_neff=N``; the driver's ``--window-neff``): the regression estimators' bias is
+    shrinkage towards zero where samples are sparse, and on the NCSN toy it sits between the modes at the
+    middle levels, where annealed Langevin splits the mass. There the Gaussian-window Stein ratio
+    (``steinops.estimators.window``) is better: samples of q_sigma, windowed at h = sqrt(sigma_c^2 - sigma^2),
+    give the score of q_sigma * N(0, h^2 I) = q_{sigma_c} (sigma_c: the next coarser level) with only a ratio
+    bias of order 1 / n_eff. So each group also trains the next coarser level, at points y = x + h z ~ q_{sigma_c},
+    when the median n_eff of its windows is >= N; a level is regressed on its own group's estimate only while
+    its finer level's windows were (last seen, this step included) below N, or when it is the finest level.
+    ``benchmarks/window_targets.py`` measures both targets' bias per level against the exact scores.
+
     Regularisation: unless the estimator's knob (``eta``, ``lam``, ``eig_mass``; or ``n_eigen`` / ``n_iter``)
     is given, it is set at each fit to the estimator's least-regularised grid value
     (``knob_least_regularised(m)``: eta = 0.01 for the SGE, lam = 0.01 / m for KEF, eig_mass = 0.999 for
@@ -357,7 +371,14 @@ class SteinObjective(Objective):
     min_group = 8
 
     def __init__(self, estimator: str = "stein", *, sigma_bandwidth: float | None = None, gather: bool = False,
-                 **estimator_options):
+                 window_neff: float | None = None, **estimator_options):
+        if window_neff is not None and (isinstance(window_neff, bool) or not isinstance(window_neff, (int, float))
+                                        or not (math.isfinite(window_neff) and window_neff >= 1)):
+            raise ValueError(f"window_neff must be a number >= 1 or None, got {window_neff!r}")
+        self.window_neff = None if window_neff is None else float(window_neff)
+        self._neff = None  # (L,) the last median n_eff of each level's windows (NaN: not seen yet)
+        self._ladder_cache = None
+        self._last_neff = 0.0
         if not isinstance(gather, bool):
             raise ValueError(f"gather must be True or False, got {gather!r}")
         self.gather = gather
@@ -381,41 +402,122 @@ class SteinObjective(Objective):
 
     def _options(self):
         return {"estimator": self.estimator_name, "sigma_bandwidth": self.sigma_bandwidth, "gather": self.gather,
-                **self.estimator_options}
+                "window_neff": self.window_neff, **self.estimator_options}
 
     def _loss(self, model, batch, generator):
         G, m = batch.noisy.shape[:2]
+        shape = batch.noisy.shape[2:]
+        inputs, levels, targets, bandwidths = [], [], [], []
+        info = {}
         with torch.no_grad():
             xg = batch.noisy.detach().reshape(G, m, -1)
             if self.gather:  # the whole group from every rank's slice
                 xg = gather_groups(xg)
-            if self.low_bias_knob:
-                setattr(self.estimator, self.estimator.knob, self.estimator.knob_least_regularised(xg.shape[1]))
-            if self.sigma_bandwidth is not None:  # h = min(rule(x), c sigma) per group
-                h = torch.as_tensor(select_bandwidth(xg, self.bandwidth_rule), dtype=xg.dtype, device=xg.device).expand(G)
-                self.estimator.bandwidth = torch.minimum(h, self.sigma_bandwidth * batch.sigma.to(xg.dtype))
-            self.estimator.fit(xg)
-            g = self.estimator.scores_.detach()
-            if self.gather:
-                g = local_rows(g, m)
-        x, sig = batch.flat()
+            regress = torch.ones(G, dtype=torch.bool, device=xg.device)
+            if self.window_neff is not None:
+                y, coarse, g_win, h_win, use, regress = self._window_targets(batch, xg, generator)
+                inputs.append(y[use]), levels.append(coarse[use]), targets.append(g_win[use])
+                bandwidths.append(h_win[use])
+                info = {"window_groups": float(use.double().mean()), "window_neff": self._last_neff}
+            if bool(regress.any()):
+                # AutoTune keeps its choice between fits only for a fixed batch shape: give it every group
+                fit = regress if self.estimator._autotune_settings() is None else torch.ones_like(regress)
+                xr = xg[fit]
+                if self.low_bias_knob:
+                    setattr(self.estimator, self.estimator.knob, self.estimator.knob_least_regularised(xr.shape[1]))
+                if self.sigma_bandwidth is not None:  # h = min(rule(x), c sigma) per group
+                    h = torch.as_tensor(select_bandwidth(xr, self.bandwidth_rule), dtype=xr.dtype,
+                                        device=xr.device).expand(xr.shape[0])
+                    self.estimator.bandwidth = torch.minimum(
+                        h, self.sigma_bandwidth * batch.sigma[fit].to(xr.dtype))
+                self.estimator.fit(xr)
+                keep = regress[fit]
+                g = self.estimator.scores_.detach()[keep]
+                if self.gather:
+                    g = local_rows(g, m)
+                inputs.append(batch.noisy.detach()[regress].reshape(-1, m, g.shape[-1]))
+                levels.append(batch.sigma[regress].to(xr.dtype))
+                targets.append(g)
+                bandwidths.append(self.estimator.bandwidth_.to(xr.dtype).reshape(-1).expand(keep.shape[0])[keep])
+            x = torch.cat(inputs).reshape(-1, *shape)
+            sig = torch.cat(levels).repeat_interleave(m).to(batch.noisy.dtype)
+            target = torch.cat(targets).reshape(x.shape).to(batch.noisy.dtype)
         s = _score(model, x, sig)
-        target = g.reshape(x.shape).to(s.dtype)
         w = sig.to(s.dtype).square()
-        loss = (0.5 * w * _sum_rows((s - target).square())).mean()
+        loss = (0.5 * w * _sum_rows((s - target).square())).sum() / (G * m)
         with torch.no_grad():  # the diagnostics in one reduction and one host transfer (they run every step)
             sig_col = sig.to(s.dtype).view(-1, *([1] * (x.dim() - 1)))
             stats = torch.stack([target.square().mean(), (sig_col * target).square().mean(),
                                  (sig_col * s).square().mean(),
-                                 self.estimator.bandwidth_.to(s.dtype).mean()]).double().tolist()
+                                 torch.cat(bandwidths).to(s.dtype).mean()]).double().tolist()
         return loss, {"target_rms": math.sqrt(stats[0]), "sigma_target_rms": math.sqrt(stats[1]),
-                      "sigma_score_rms": math.sqrt(stats[2]), "bandwidth": stats[3]}
+                      "sigma_score_rms": math.sqrt(stats[2]), "bandwidth": stats[3], **info}
+
+    def _window_targets(self, batch, xg, generator):
+        """Window targets of every group for the next coarser level, and which groups use them.
+
+        Group g at level sigma_i (samples x of q_{sigma_i}) and the next coarser level sigma_c > sigma_i:
+        h = sqrt(sigma_c^2 - sigma_i^2), queries y = x + h z (z fresh standard normal, so y ~ q_{sigma_c}),
+        targets ``window_score`` of the group at y leaving out each query's own sample: then
+        E[numerator] / E[denominator] = grad log q_{sigma_c}(y) exactly (``estimators.window``).
+
+        Returns y (G, m, D), sigma_c (G,), targets (G, m, D), h (G,), ``use`` (G,) bool: the group has a
+        coarser level and its median n_eff >= window_neff, and ``regress`` (G,) bool: the group's own level
+        also needs regression targets (it is the finest level, or the next finer level's groups were last
+        seen below the threshold: that level's windows do not cover this one; and every group when no group
+        would give anything, so a step is never empty). Under ``gather`` each rank decides on its own queries.
+        """
+        G, m = batch.noisy.shape[:2]
+        if batch.sigmas is None:
+            raise ValueError("batch: window targets need the schedule (NoisyBatch.sigmas); build it with perturb")
+        coarse_of, h_of, finer_of = self._ladder(batch.sigmas)
+        L = coarse_of.numel()
+        if self._neff is None or self._neff.numel() != L:
+            self._neff = torch.full((L,), float("nan"), dtype=torch.float64)
+        lv = batch.level.cpu()
+        has_coarse = coarse_of[lv] > 0  # (G,) on the CPU
+        coarse = torch.where(has_coarse, coarse_of[lv], 0.0).to(device=xg.device, dtype=xg.dtype)
+        h = h_of[lv].to(device=xg.device, dtype=xg.dtype)  # 1 where there is no coarser level (unused)
+        x_local = batch.noisy.detach().reshape(G, m, -1)
+        z = torch.randn(x_local.shape, generator=generator, dtype=x_local.dtype,
+                        device=_on(generator, x_local.device)).to(x_local.device)
+        y = x_local + h.view(G, 1, 1) * z
+        offset = 0 if xg.shape[1] == m else rank_and_world()[0] * m  # this rank's rows of a gathered group
+        exclude = torch.arange(offset, offset + m, device=xg.device)
+        g, neff = window_score(xg, y, h, exclude=exclude, return_neff=True)
+        med = neff.median(-1).values.double().cpu()
+        use = has_coarse & (med >= self.window_neff)
+        self._neff[lv[has_coarse]] = med[has_coarse]
+        self._last_neff = float(med[has_coarse].mean()) if bool(has_coarse.any()) else 0.0
+        # the level just below each group's: was it (last seen) able to give this level its window targets?
+        fi = finer_of[lv]
+        finer_ok = (fi >= 0) & (self._neff[fi.clamp_min(0)] >= self.window_neff)
+        regress = ~finer_ok
+        if not bool((use | regress).any()):  # e.g. one group, at the coarsest level, already covered: no empty step
+            regress[:] = True
+        return y, coarse, g, h, use.to(xg.device), regress.to(xg.device)
+
+    def _ladder(self, sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per level of the schedule (CPU, cached): the next coarser level (0 if none), the window bandwidth
+        h = sqrt(coarser^2 - sigma^2) (1 if none), and the index of the next finer level (-1 if none)."""
+        key = tuple(sigmas.detach().double().cpu().tolist())
+        if self._ladder_cache is None or self._ladder_cache[0] != key:
+            s = torch.tensor(key, dtype=torch.float64)
+            above = torch.where(s[None, :] > s[:, None], s[None, :], torch.inf).min(1).values
+            below = torch.where(s[None, :] < s[:, None], s[None, :], -torch.inf)
+            has = torch.isfinite(above)
+            coarse = torch.where(has, above, 0.0)
+            h = torch.where(has, (coarse.square() - s.square()).clamp_min(0).sqrt(), 1.0)
+            finer = torch.where(torch.isfinite(below.max(1).values), below.argmax(1), -1)
+            self._ladder_cache = (key, (coarse, h, finer))
+        return self._ladder_cache[1]
 
     def state_dict(self) -> dict:
         last = self.estimator._last_tuned
         if last is not None:
             last = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in last.items()}
-        return {"estimator": self.estimator_name, "last_tuned": last, "n_fits": int(self.estimator._n_fits)}
+        return {"estimator": self.estimator_name, "last_tuned": last, "n_fits": int(self.estimator._n_fits),
+                "window_neff": None if self._neff is None else self._neff.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -429,6 +531,8 @@ class SteinObjective(Objective):
             last = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in last.items()}
         self.estimator._last_tuned = last
         self.estimator._n_fits = int(state["n_fits"])
+        neff = state.get("window_neff")
+        self._neff = None if neff is None else torch.as_tensor(neff, dtype=torch.float64).clone()
 
 
 class KSDObjective(Objective):

@@ -1,0 +1,112 @@
+"""Bias of the stein objective's two kinds of targets, per noise level, against exact scores.
+
+For each level sigma_l of the driver's schedule (groups of m samples, as in training):
+
+- regression: the estimator fitted in-sample on a group of q_{sigma_l} (the objective's default: the SGE at
+  eta = 0.01 with the median bandwidth), judged against grad log q_{sigma_l} at its samples;
+- window: ``window_score`` of a group of the next finer level q_{sigma_{l+1}} with h = sqrt(sigma_l^2 -
+  sigma_{l+1}^2), at queries y ~ q_{sigma_l}, leaving out each query's own sample (the objective's window
+  targets), judged against grad log q_{sigma_l}(y); with the median effective number of samples n_eff.
+
+    total = E|g - s|^2 / E|s|^2,   bias = E|mean_r g_r - s|^2 / E|s|^2 - total / R   (R replicate groups)
+
+The network regressed on these targets converges to their conditional mean, so ``bias`` is what it inherits.
+
+    python benchmarks/window_targets.py [--data two_mode moons] [--group-size 128] [--queries 96]
+                                        [--replicates 8] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from kernels import cpu_model, versions  # noqa: E402
+
+import steinops  # noqa: E402
+from steinops.distributions import get_distribution  # noqa: E402
+from steinops.estimators.window import window_score  # noqa: E402
+from steinops.sgm.noise import NoiseSchedule  # noqa: E402
+
+from train.checkpoint import write_text_atomic  # noqa: E402
+
+DATA = ("two_mode", "eight_gaussians", "rings", "checkerboard", "spiral", "moons")
+
+
+def errors(g: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """(bias, total) of estimates g (n, R, d) of exact (n, d), relative to E|exact|^2."""
+    norm = exact.square().sum(-1).mean()
+    total = float((g - exact[:, None]).square().sum(-1).mean() / norm)
+    bias = float((g.mean(1) - exact).square().sum(-1).mean() / norm)
+    return bias - total / g.shape[1], total
+
+
+def regression_level(dist, sigma, *, m, n, R, eta, generator) -> dict:
+    z = dist.sample(n, sigma, generator=generator)
+    others = dist.sample(n * R * (m - 1), sigma, generator=generator).reshape(n, R, m - 1, -1)
+    x = torch.cat([z[:, None, None, :].expand(n, R, 1, z.shape[-1]), others], 2).float()
+    g = steinops.score_estimator("stein", eta=eta).fit(x).scores_[:, :, 0].double()
+    bias, total = errors(g, dist.score(z, sigma))
+    return dict(bias=bias, total=total)
+
+
+def window_level(dist, sigma, finer, *, m, n, R, generator) -> dict:
+    h = math.sqrt(sigma ** 2 - finer ** 2)
+    y = dist.sample(n, sigma, generator=generator)  # the law of x + h z with x ~ q_finer
+    x = dist.sample(n * R * (m - 1), finer, generator=generator).reshape(n, R, m - 1, -1).float()
+    g, neff = window_score(x, y[:, None, None, :].expand(n, R, 1, y.shape[-1]).float().contiguous(), h,
+                           return_neff=True)
+    bias, total = errors(g[:, :, 0].double(), dist.score(y, sigma))
+    return dict(bias=bias, total=total, neff_median=float(neff.median()), neff_p10=float(neff.quantile(0.1)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", default=list(DATA), choices=DATA)
+    p.add_argument("--group-size", type=int, default=128, help="samples per group (the driver: 512 / 4 levels)")
+    p.add_argument("--queries", type=int, default=96, help="query points per level")
+    p.add_argument("--replicates", type=int, default=8, help="groups per query point")
+    p.add_argument("--eta", type=float, default=0.01, help="the SGE's eta (the objective's default)")
+    p.add_argument("--sigma-min", type=float, default=0.1, help="the 2-D presets' sigma_min")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "window-targets.json"))
+    a = p.parse_args(argv)
+    gen = torch.Generator().manual_seed(a.seed)
+    rows, t0 = [], time.perf_counter()
+    kw = dict(m=a.group_size, n=a.queries, R=a.replicates, generator=gen)
+    for data in tqdm(a.data, desc="data sets"):
+        dist = get_distribution(data)
+        train = dist.sample(10000, generator=torch.Generator().manual_seed(a.seed)).float()
+        sigmas = [float(s) for s in NoiseSchedule.ncsnv2(train, sigma_min=a.sigma_min).sigmas]
+        for level, sigma in enumerate(sigmas[:-1]):
+            rows.append(dict(data=data, level=level, sigma=sigma, finer=sigmas[level + 1],
+                             regression=regression_level(dist, sigma, eta=a.eta, **kw),
+                             window=window_level(dist, sigma, sigmas[level + 1], **kw)))
+    out = dict(device=cpu_model(), versions=versions(), args=vars(a), seconds=time.perf_counter() - t0, rows=rows)
+    write_text_atomic(json.dumps(out, indent=1), Path(a.out))
+    print(table(rows))
+    print(f"\nwrote {a.out}")
+
+
+def table(rows) -> str:
+    lines = ["| data | sigma | regression bias | regression total | window bias | window total "
+             "| window n_eff (median) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g, w = r["regression"], r["window"]
+        lines.append(f"| {r['data']} | {r['sigma']:.3g} | {g['bias']:.4f} | {g['total']:.3f} | {w['bias']:.4f} | "
+                     f"{w['total']:.3f} | {w['neff_median']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
