@@ -500,8 +500,10 @@ class SteinObjective(Objective):
     def _ladder(self, sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per level of the schedule (CPU, cached): the next coarser level (0 if none), the window bandwidth
         h = sqrt(coarser^2 - sigma^2) (1 if none), and the index of the next finer level (-1 if none)."""
+        if self._ladder_cache is not None and self._ladder_cache[0] is sigmas:  # the loop passes one tensor
+            return self._ladder_cache[2]
         key = tuple(sigmas.detach().double().cpu().tolist())
-        if self._ladder_cache is None or self._ladder_cache[0] != key:
+        if self._ladder_cache is None or self._ladder_cache[1] != key:
             s = torch.tensor(key, dtype=torch.float64)
             above = torch.where(s[None, :] > s[:, None], s[None, :], torch.inf).min(1).values
             below = torch.where(s[None, :] < s[:, None], s[None, :], -torch.inf)
@@ -509,8 +511,10 @@ class SteinObjective(Objective):
             coarse = torch.where(has, above, 0.0)
             h = torch.where(has, (coarse.square() - s.square()).clamp_min(0).sqrt(), 1.0)
             finer = torch.where(torch.isfinite(below.max(1).values), below.argmax(1), -1)
-            self._ladder_cache = (key, (coarse, h, finer))
-        return self._ladder_cache[1]
+            self._ladder_cache = (sigmas, key, (coarse, h, finer))
+        else:
+            self._ladder_cache = (sigmas, key, self._ladder_cache[2])
+        return self._ladder_cache[2]
 
     def state_dict(self) -> dict:
         last = self.estimator._last_tuned
