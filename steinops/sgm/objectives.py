@@ -341,7 +341,8 @@ class SteinObjective(Objective):
 
     Data parallelism: with ``gather=True`` each rank all-gathers the noisy slices of its groups
     (``NoisyBatch.shard``), fits on the whole group and keeps its own rows' targets: the same targets as one
-    process with the global batch, for one all-gather of (G, m, D) per step. ``gather=False`` fits on the
+    process with the global batch, for one all-gather of (G, m, D) per step (window targets excepted: each rank
+    draws its own query noise and decides on its own rows' n_eff, the same in law but not bit-identical). ``gather=False`` fits on the
     local m / W rows only: no communication, but a noisier and (through the bandwidth and the ridge) more
     biased estimate. Without an initialised process group both are the single-process objective.
 
