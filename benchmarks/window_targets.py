@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "window-targets.json"))
     a = p.parse_args(argv)
     gen = torch.Generator().manual_seed(a.seed)
+    torch.manual_seed(a.seed)  # the schedule's sigma_max subsamples with the global generator
     rows, t0 = [], time.perf_counter()
     kw = dict(m=a.group_size, n=a.queries, R=a.replicates, generator=gen)
     for data in tqdm(a.data, desc="data sets"):
@@ -88,13 +89,49 @@ def main(argv=None):
         train = dist.sample(10000, generator=torch.Generator().manual_seed(a.seed)).float()
         sigmas = [float(s) for s in NoiseSchedule.ncsnv2(train, sigma_min=a.sigma_min).sigmas]
         for level, sigma in enumerate(sigmas[:-1]):
-            rows.append(dict(data=data, level=level, sigma=sigma, finer=sigmas[level + 1],
+            rows.append(dict(data=data, level=level, sigma=sigma, finer=sigmas[level + 1], group_size=a.group_size,
                              regression=regression_level(dist, sigma, eta=a.eta, **kw),
                              window=window_level(dist, sigma, sigmas[level + 1], **kw)))
     out = dict(device=cpu_model(), versions=versions(), args=vars(a), seconds=time.perf_counter() - t0, rows=rows)
     write_text_atomic(json.dumps(out, indent=1), Path(a.out))
+    png = Path(a.out).with_suffix(".png")
+    plot(rows, png)
     print(table(rows))
-    print(f"\nwrote {a.out}")
+    print(f"\nwrote {a.out} and {png}")
+
+
+def plot(rows, path: Path) -> Path:
+    """One panel per data set: both targets' bias against sigma (log-log), the windows' median n_eff beside."""
+    from matplotlib import ticker
+    from matplotlib.figure import Figure
+
+    from train.plots import _save
+    data = list(dict.fromkeys(r["data"] for r in rows))
+    cols = min(3, len(data))
+    fig = Figure(figsize=(4.8 * cols, 3.6 * math.ceil(len(data) / cols) + 0.6))
+    axes = fig.subplots(math.ceil(len(data) / cols), cols, squeeze=False).ravel()
+    floor = 1e-5  # the replicate-corrected bias can be ~0 or slightly negative: drawn at the floor
+    for ax, name in zip(axes, data):
+        rs = [r for r in rows if r["data"] == name]
+        sig = [r["sigma"] for r in rs]
+        for key, label, marker in (("regression", "regression (SGE, in-sample)", "o"),
+                                   ("window", "window (from the finer level)", "s")):
+            ax.plot(sig, [max(r[key]["bias"], floor) for r in rs], marker=marker, label=label)
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # narrow ranges: minor labels would collide
+        ax.set_title(name), ax.set_xlabel("noise level sigma"), ax.set_ylabel("relative bias")
+        ax.grid(True, which="both", alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(sig, [r["window"]["neff_median"] for r in rs], color="grey", ls=":", label="window n_eff")
+        twin.axhline(20, color="grey", lw=0.8, ls="--")
+        twin.set_yscale("log"), twin.set_ylabel("median n_eff (dotted; dashed: 20)", color="grey")
+    for ax in axes[len(data):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("bias of the stein objective's targets against exact scores, per level (groups of "
+                 f"{rows[0].get('group_size', 128)})")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def table(rows) -> str:
