@@ -58,6 +58,7 @@ def test_window_targets_benchmark_quick(tmp_path):
     data = _run(["benchmarks/window_targets.py", "--data", "two_mode", "--queries", "16", "--replicates", "4",
                  "--group-size", "64"], tmp_path)
     rows = data["rows"]
+    assert (tmp_path / "out.png").stat().st_size > 10_000  # the per-level picture beside the JSON
     assert [r["level"] for r in rows] == list(range(len(rows))) and all(r["finer"] < r["sigma"] for r in rows)
     for r in rows:
         assert 0 < r["regression"]["total"] and 0 < r["window"]["total"] and r["window"]["neff_median"] >= 1
