@@ -8,7 +8,7 @@
 from ._checks import set_value_checks
 from .estimators import (
     ESTIMATORS, AutoTune, KEFScoreEstimator, LandweberScoreEstimator, NuMethodScoreEstimator, ScoreEstimator,
-    SpectralScoreEstimator, SteinScoreEstimator, score_estimator, sharded_stein_score, stein_score,
+    SpectralScoreEstimator, SteinScoreEstimator, score_estimator, sharded_stein_score, stein_score, window_score,
 )
 from .kernels import IMQ, RBF, KernelProfile, get_kernel
 from .ops import gram, kernel_matvec, ksd, stein_term
@@ -20,5 +20,5 @@ __all__ = [
     "AutoTune", "ESTIMATORS", "KEFScoreEstimator", "LandweberScoreEstimator", "NuMethodScoreEstimator", "SpectralScoreEstimator",
     "BACKENDS", "IMQ", "RBF", "KernelProfile", "SteinScoreEstimator", "gram", "get_kernel", "kernel_matvec", "ksd",
     "ScoreEstimator", "resolve_backend", "score_estimator", "set_value_checks", "sharded_stein_score", "stein_score",
-    "stein_term",
+    "stein_term", "window_score",
 ]
