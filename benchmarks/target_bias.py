@@ -49,10 +49,16 @@ def level_errors(est_name: str, knob_value, dist, sigma: float, *, m: int, n: in
     x = torch.cat([z[:, None, None, :].expand(n, R, 1, z.shape[-1]), others], 2).float()  # (n, R, m, d)
     est = steinops.score_estimator(est_name, bandwidth=bandwidth, **{steinops.ESTIMATORS[est_name].knob: knob_value})
     g = est.fit(x).scores_[:, :, 0].double()  # (n, R, d): the estimate at z in each replicate
+    return replicate_errors(g, exact)
+
+
+def replicate_errors(g: torch.Tensor, exact: torch.Tensor) -> dict:
+    """total and bias (relative to E|exact|^2) of estimates g (n, R, d) of exact (n, d) over R replicates, and
+    bias_corrected = max(0, bias - total / R) (the replicate noise left in the mean removed)."""
     norm = exact.square().sum(-1).mean()
     total = float((g - exact[:, None]).square().sum(-1).mean() / norm)
     bias = float((g.mean(1) - exact).square().sum(-1).mean() / norm)
-    return dict(total=total, bias=bias, bias_corrected=max(0.0, bias - total / R))
+    return dict(total=total, bias=bias, bias_corrected=max(0.0, bias - total / g.shape[1]))
 
 
 def knob_values(est_name: str, m: int) -> tuple:

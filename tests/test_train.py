@@ -169,3 +169,16 @@ def test_every_bandwidth_rule_reaches_the_estimator_and_ksd():
     for rule in RULES:
         assert objective_options(resolve(SMOKE + ["--method", "stein", "--bandwidth", rule]))["bandwidth"] == rule
         assert objective_options(resolve(SMOKE + ["--method", "ksd", "--bandwidth", rule]))["bandwidth"] == rule
+
+
+def test_fisher_row_window_targets_match_the_exact_score_at_the_coarse_levels():
+    """The evaluation's window targets are made as the objective makes them (each level from its finer level's
+    samples, windowed at sqrt(sigma_l^2 - sigma_{l+1}^2)): near the exact score where the windows are dense."""
+    from steinops.distributions import get_distribution
+    from train.evaluate import fisher_row
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0])
+    row = fisher_row(lambda x, s: torch.zeros_like(x), get_distribution("two_mode"), sigmas, 256, step=0,
+                     generator=torch.Generator().manual_seed(0), group_size=256, window=20.0)
+    assert row["fisher_window"][-1] is None and row["window_neff"][-1] is None
+    assert all(e < 0.1 for e in row["fisher_window"][:2]), row["fisher_window"]
+    assert row["fisher_window_mean"] is not None

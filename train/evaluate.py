@@ -12,6 +12,7 @@ import torch
 import steinops
 from steinops.estimators.window import window_score
 from steinops.sgm import metrics, samplers
+from steinops.sgm.objectives import window_ladder
 
 from . import plots
 from .config import estimator_options
@@ -41,9 +42,11 @@ def fisher_row(model, dist, sigmas, n, *, step, generator, estimator=None, group
     if window > 0:
         m = min(n, group_size)
         errs, neffs = [None] * len(sigmas), [None] * len(sigmas)
-        for level in range(len(sigmas) - 1):  # sigmas descending: level + 1 is the next finer
-            h = math.sqrt(float(sigmas[level]) ** 2 - float(sigmas[level + 1]) ** 2)
-            x = x32[level + 1, :m]
+        _, h_of, finer_of = window_ladder(sigmas)
+        for level in (finer_of >= 0).nonzero()[:, 0].tolist():  # every level with a finer one
+            finer = int(finer_of[level])
+            h = float(h_of[finer])  # the finer group's window, which reaches this level
+            x = x32[finer, :m]
             y = x + h * torch.randn(x.shape, generator=generator, dtype=x.dtype)
             g, neff = window_score(x, y, h, exclude=torch.arange(m), return_neff=True)
             errs[level] = metrics.relative_fisher_error(g.double(), dist.score(y.double(), float(sigmas[level])))

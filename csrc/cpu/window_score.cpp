@@ -86,10 +86,10 @@ std::tuple<at::Tensor, at::Tensor> window_score(const at::Tensor& x, const at::T
   at::Tensor g = at::empty({B, N, d}, x.options());
   at::Tensor neff = at::empty({B, N}, x.options());
   // samples centred (in float64) and transposed to (B, d, M) in the input dtype, their centres (B, d);
-  // per-thread scratch: M weights, the centred query and its outputs (2 d + 1)
+  // per-thread scratch: M weights and the centred query (d)
   at::Tensor xT = at::empty({B, d, M}, x.options());
   at::Tensor centre = at::empty({B, d}, x.options().dtype(at::kDouble));
-  const int64_t per_thread = M + 2 * d + 1;
+  const int64_t per_thread = M + d;
   at::Tensor work = at::empty({at::get_num_threads(), per_thread}, x.options());
   double* cp = centre.data_ptr<double>();
   const int64_t* ex = has_ex ? exclude.data_ptr<int64_t>() : nullptr;
@@ -115,15 +115,11 @@ std::tuple<at::Tensor, at::Tensor> window_score(const at::Tensor& x, const at::T
     at::parallel_for(0, B * N, 16, [&](int64_t q0, int64_t q1) {
       scalar_t* r = wp + at::get_thread_num() * per_thread;
       scalar_t* yq = r + M;
-      scalar_t* gq = yq + d;
-      scalar_t* nq = gq + d;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t b = q / N, n = q % N;
         const scalar_t hb = hp[b], inv_h2 = scalar_t(1) / (hb * hb);
         for (int64_t c = 0; c < d; ++c) yq[c] = static_cast<scalar_t>(double(yp[q * d + c]) - cp[b * d + c]);
-        window_one<scalar_t>(xTp + b * d * M, yq, M, d, inv_h2, has_ex ? ex[n] : -1, r, gq, nq);
-        for (int64_t c = 0; c < d; ++c) gp[q * d + c] = gq[c];
-        np[q] = *nq;
+        window_one<scalar_t>(xTp + b * d * M, yq, M, d, inv_h2, has_ex ? ex[n] : -1, r, gp + q * d, np + q);
       }
     });
   });

@@ -138,6 +138,20 @@ def perturb(x: Tensor, sigmas: Tensor, levels_per_step: int, *, generator: torch
     return NoisyBatch(clean=clean, noisy=noisy, noise=noise, sigma=sigma, level=level, sigmas=sigmas.to(x.device))
 
 
+def window_ladder(sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For each level of a schedule (any order; float64, CPU): the next coarser level (0 if none), the window
+    bandwidth h = sqrt(coarser^2 - sigma^2) that turns samples of the level into targets for it (1 if none),
+    and the index of the next finer level (-1 if none). Shapes (L,) each."""
+    s = sigmas.detach().double().cpu()
+    above = torch.where(s[None, :] > s[:, None], s[None, :], torch.inf).min(1).values
+    below = torch.where(s[None, :] < s[:, None], s[None, :], -torch.inf)
+    has = torch.isfinite(above)
+    coarse = torch.where(has, above, 0.0)
+    h = torch.where(has, (coarse.square() - s.square()).clamp_min(0).sqrt(), 1.0)
+    finer = torch.where(torch.isfinite(below.max(1).values), below.argmax(1), -1)
+    return coarse, h, finer
+
+
 # --------------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------------
@@ -477,7 +491,7 @@ class SteinObjective(Objective):
             self._neff = torch.full((L,), float("nan"), dtype=torch.float64)
         lv = batch.level.cpu()
         has_coarse = coarse_of[lv] > 0  # (G,) on the CPU
-        coarse = torch.where(has_coarse, coarse_of[lv], 0.0).to(device=xg.device, dtype=xg.dtype)
+        coarse = coarse_of[lv].to(device=xg.device, dtype=xg.dtype)  # 0 where there is none (unused)
         h = h_of[lv].to(device=xg.device, dtype=xg.dtype)  # 1 where there is no coarser level (unused)
         x_local = batch.noisy.detach().reshape(G, m, -1)
         z = torch.randn(x_local.shape, generator=generator, dtype=x_local.dtype,
@@ -499,23 +513,10 @@ class SteinObjective(Objective):
         return y, coarse, g, h, use.to(xg.device), regress.to(xg.device)
 
     def _ladder(self, sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per level of the schedule (CPU, cached): the next coarser level (0 if none), the window bandwidth
-        h = sqrt(coarser^2 - sigma^2) (1 if none), and the index of the next finer level (-1 if none)."""
-        if self._ladder_cache is not None and self._ladder_cache[0] is sigmas:  # the loop passes one tensor
-            return self._ladder_cache[2]
-        key = tuple(sigmas.detach().double().cpu().tolist())
-        if self._ladder_cache is None or self._ladder_cache[1] != key:
-            s = torch.tensor(key, dtype=torch.float64)
-            above = torch.where(s[None, :] > s[:, None], s[None, :], torch.inf).min(1).values
-            below = torch.where(s[None, :] < s[:, None], s[None, :], -torch.inf)
-            has = torch.isfinite(above)
-            coarse = torch.where(has, above, 0.0)
-            h = torch.where(has, (coarse.square() - s.square()).clamp_min(0).sqrt(), 1.0)
-            finer = torch.where(torch.isfinite(below.max(1).values), below.argmax(1), -1)
-            self._ladder_cache = (sigmas, key, (coarse, h, finer))
-        else:
-            self._ladder_cache = (sigmas, key, self._ladder_cache[2])
-        return self._ladder_cache[2]
+        """``window_ladder(sigmas)``, cached for the tensor the training loop passes at every step."""
+        if self._ladder_cache is None or self._ladder_cache[0] is not sigmas:
+            self._ladder_cache = (sigmas, window_ladder(sigmas))
+        return self._ladder_cache[1]
 
     def state_dict(self) -> dict:
         last = self.estimator._last_tuned
