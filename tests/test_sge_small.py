@@ -83,6 +83,21 @@ def test_a_singular_system_falls_back_to_jitter():
     assert int(info[0]) > 0
 
 
+def test_a_failed_set_gets_nan_and_leaves_the_others_alone():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 2, generator=g, dtype=torch.float64)
+    x[1] = 0.0
+    x[1, 5:] = 1.0  # set 1: duplicates with eta ~ 0, not positive definite
+    x = x - x.mean(1, keepdim=True)
+    h, eta = torch.ones(3, dtype=torch.float64), torch.tensor([0.1, 1e-300, 0.1], dtype=torch.float64)
+    L, G, info = torch.ops.steinops_C.sge_small(x, h, eta, 0)
+    assert int(info[1]) > 0 and int(info[0]) == int(info[2]) == 0
+    assert torch.isnan(G[1]).all()  # never stale numbers for a set the caller has to redo
+    keep = torch.tensor([0, 2])
+    G_ref, _ = reference(x[keep], h[keep], eta[keep], "rbf")
+    assert torch.allclose(G[keep], G_ref, rtol=1e-10, atol=1e-12)
+
+
 def test_nan_input_never_passes_silently():
     x = torch.randn(1, 8, 2)
     x[0, 2, 0] = float("nan")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steinops.estimators.window as window
+from steinops._checks import value_checks_suspended
 from steinops.distributions import get_distribution
 from steinops.estimators.window import window_score
 from steinops.ops.backends import compiled_extension
@@ -164,7 +165,11 @@ def test_compiled_op_rejects_bad_input_without_crashing():
     none = torch.empty(0, dtype=torch.long)
     for args, match in [((x, y.float(), h, none), "dtype"), ((x, y[:, :, :2].contiguous(), h, none), "shape"),
                         ((x, y, h[:1], none), "h must"), ((x, y, h, torch.tensor([0, 1, 2, 5])), "exclude"),
+                        ((x, y, h, torch.tensor([-1, 0, 1, 2])), "exclude must index"),
                         ((x, y, h, torch.tensor([0, 1])), "exclude"),
                         ((x[:, :1].contiguous(), y, h, torch.zeros(4, dtype=torch.long)), "2 samples")]:
         with pytest.raises(RuntimeError, match=match):
             op(*args)
+    # with the Python value checks off (the training objective's inner loop), the op still guards its memory
+    with value_checks_suspended(), pytest.raises(RuntimeError, match="exclude must index"):
+        window_score(x, y, h, exclude=torch.tensor([0, 1, 2, 5]))

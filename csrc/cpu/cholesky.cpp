@@ -23,6 +23,10 @@
 namespace steinops {
 namespace cpu {
 
+// Fewer right-hand sides than this are solved by column (solve_one_cols): solve_one's loops over E would be
+// shorter than one 8-float vector.
+constexpr int64_t kColumnsBelow = 8;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Tensor& A_in,
                                                                     const c10::optional<at::Tensor>& B_in) {
   TORCH_CHECK(A_in.dim() == 3 && A_in.size(1) == A_in.size(2), "steinops_C::cholesky: A must be (B, n, n)");
@@ -49,7 +53,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_solve_small(const at::Te
       scalar_t* U = w + at::get_thread_num() * n * n;
       for (int64_t b = b0; b < b1; ++b) {
         ip[b] = small_spd::factor_one<scalar_t>(a + b * n * n, l + b * n * n, U, n);
-        if (E > 0 && ip[b] == 0) small_spd::solve_one<scalar_t>(l + b * n * n, X.data_ptr<scalar_t>() + b * n * E, n, E);
+        if (E == 0 || ip[b] != 0) continue;
+        scalar_t* Xb = X.data_ptr<scalar_t>() + b * n * E;
+        if (E < kColumnsBelow && E <= n) {  // a few right-hand sides: by column, in the factor's (now free) scratch
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t e = 0; e < E; ++e) U[e * n + i] = Xb[i * E + e];
+          small_spd::solve_one_cols<scalar_t>(l + b * n * n, U, n, E);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t e = 0; e < E; ++e) Xb[i * E + e] = U[e * n + i];
+        } else {
+          small_spd::solve_one<scalar_t>(l + b * n * n, Xb, n, E);
+        }
       }
     });
   });

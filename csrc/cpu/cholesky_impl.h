@@ -5,7 +5,8 @@
 // so every update is an axpy over a contiguous row (vectorised, clones per ISA; no reductions), blocked in
 // panels of 4 rows; only the lower triangle of A is read, and the factor is transposed into L at the end.
 // Returns LAPACK's info.
-// solve_one: X <- (L L^T)^-1 X by forward then back substitution.
+// solve_one: X <- (L L^T)^-1 X by forward then back substitution (X row-major (n, E)); solve_one_cols: the
+//   same for X stored by columns (E, n), the faster layout for a few right-hand sides.
 #pragma once
 
 #include <cmath>
@@ -16,7 +17,11 @@ namespace cpu {
 namespace small_spd {
 namespace {  // internal linkage: each including file gets its own clones (no ifunc symbol clashes)
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Function multi-versioning: one clone per x86-64 micro-architecture level, picked at load time. The
+// levels (GCC >= 12) bring FMA with AVX2 / AVX-512; plain "avx2" / "avx512f" clones would not enable FMA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define STEINOPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define STEINOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define STEINOPS_CLONES
@@ -99,6 +104,32 @@ STEINOPS_CLONES void solve_one(const T* __restrict__ L, T* __restrict__ X, int64
       T* Xk = X + k * E;
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) Xk[e] -= c * Xi[e];
+    }
+  }
+}
+
+// The same solve for right-hand sides stored by column (XT (E, n) row-major, each one contiguous): forward
+// substitution as dot products with row i of L, back substitution as axpys with row i of L (column i of L^T).
+// Every inner loop runs over a contiguous row of L, so it vectorises for any E; solve_one's loops run over
+// the E entries of a row, which for E = 1-4 (the SGE of 2-D data) is a scalar loop per (i, k) pair (~6x slower
+// at n = 128).
+template <class T>
+STEINOPS_CLONES void solve_one_cols(const T* __restrict__ L, T* __restrict__ XT, int64_t n, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) {
+    T* x = XT + e * n;
+    for (int64_t i = 0; i < n; ++i) {  // L y = x
+      const T* Li = L + i * n;
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < i; ++k) acc += Li[k] * x[k];
+      x[i] = (x[i] - acc) / Li[i];
+    }
+    for (int64_t i = n - 1; i >= 0; --i) {  // L^T z = y
+      const T* Li = L + i * n;
+      const T xi = x[i] / Li[i];
+      x[i] = xi;
+#pragma omp simd
+      for (int64_t k = 0; k < i; ++k) x[k] -= xi * Li[k];
     }
   }
 }

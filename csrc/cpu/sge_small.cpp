@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "cholesky_impl.h"
@@ -26,13 +27,12 @@ namespace cpu {
 
 namespace {
 
-// A's lower triangle (row-major n x n, A_ii = 1 + eta) and S (n x d) for one set. Row by row over j < i,
+// A's lower triangle (row-major n x n, A_ii = 1 + eta) and S, stored by column (ST: d x n), for one set. Row by row over j < i,
 // structure of arrays (xT, ST: d x n) so that every loop over j vectorises (the exp is kernel_math.h's
-// branch-free polynomial); scratch: xT, ST (d x n each) and w (n).
+// branch-free polynomial); scratch: xT (d x n) and w (n).
 template <class T>
 STEINOPS_CLONES void kernel_system(const T* __restrict__ x, int64_t n, int64_t d, T h, T eta, bool imq,
-                                   T* __restrict__ A, T* __restrict__ S, T* __restrict__ xT, T* __restrict__ ST,
-                                   T* __restrict__ w) {
+                                   T* __restrict__ A, T* __restrict__ xT, T* __restrict__ ST, T* __restrict__ w) {
   using I = typename ExpConst<T>::Int;
   const T inv_h2 = T(1) / (h * h), coef = T(-0.5) * inv_h2;
   for (int64_t i = 0; i < n; ++i)
@@ -77,8 +77,6 @@ STEINOPS_CLONES void kernel_system(const T* __restrict__ x, int64_t n, int64_t d
       Sc[i] += acc;
     }
   }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < d; ++c) S[i * d + c] = ST[c * n + i];
 }
 
 }  // namespace
@@ -109,11 +107,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_small(const at::Tensor& x, co
       for (int64_t b = b0; b < b1; ++b) {
         scalar_t* Gb = gp + b * n * d;
         scalar_t* Lb = lp + b * n * n;
-        kernel_system<scalar_t>(xp + b * n * d, n, d, hp[b], ep[b], imq, A, Gb, xT, ST, wrow);  // S into G
+        kernel_system<scalar_t>(xp + b * n * d, n, d, hp[b], ep[b], imq, A, xT, ST, wrow);
         ip[b] = small_spd::factor_one<scalar_t>(A, Lb, U, n);
-        if (ip[b] != 0) continue;
-        small_spd::solve_one<scalar_t>(Lb, Gb, n, d);
-        for (int64_t t = 0; t < n * d; ++t) Gb[t] = -Gb[t];
+        if (ip[b] != 0) {  // the caller retries these sets with jitter; never hand out stale numbers
+          for (int64_t t = 0; t < n * d; ++t) Gb[t] = std::numeric_limits<scalar_t>::quiet_NaN();
+          continue;
+        }
+        small_spd::solve_one_cols<scalar_t>(Lb, ST, n, d);  // by column: d is small here (one vector or less)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c < d; ++c) Gb[i * d + c] = -ST[c * n + i];
       }
     });
   });

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import value_checks_enabled
 from ..ops.backends import compiled_extension
 
 _CHUNK_ELEMENTS = 1 << 24  # query chunks keep the (..., n, M) weights under this many elements
@@ -54,13 +55,14 @@ def _check(samples, queries, bandwidth, exclude) -> tuple[Tensor, Tensor | None]
     h = torch.as_tensor(bandwidth, dtype=samples.dtype, device=samples.device)
     if h.dim() and h.shape != samples.shape[:-2]:
         raise ValueError(f"bandwidth must be a scalar or have shape {tuple(samples.shape[:-2])}, got {tuple(h.shape)}")
-    if not bool(((h > 0) & torch.isfinite(h)).all()):
+    if value_checks_enabled() and not bool(((h > 0) & torch.isfinite(h)).all()):
         raise ValueError(f"bandwidth must be positive and finite, got {bandwidth!r}")
     if exclude is not None:
         if not isinstance(exclude, Tensor) or exclude.dtype != torch.long or exclude.shape != queries.shape[-2:-1]:
             raise TypeError(f"exclude must be None or a long tensor of shape ({queries.shape[-2]},), got "
                             f"{tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude).__name__}")
-        if exclude.numel() and not (0 <= int(exclude.min()) and int(exclude.max()) < M):
+        # a value check (skipped when suspended); the compiled op checks the range itself in any case
+        if value_checks_enabled() and exclude.numel() and not (0 <= int(exclude.min()) and int(exclude.max()) < M):
             raise ValueError(f"exclude must index the {M} samples, got values in [{int(exclude.min())}, "
                              f"{int(exclude.max())}]")
         exclude = exclude.to(samples.device)

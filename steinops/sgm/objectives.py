@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import value_checks_suspended
 from ..bandwidth import RULES as BANDWIDTH_RULES, select_bandwidth
 from ..estimators.base import ESTIMATORS, score_estimator
 from ..estimators.window import window_score
@@ -158,6 +159,20 @@ def window_ladder(sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _sum_rows(t: Tensor) -> Tensor:
     """(N, *shape) -> (N,): sum over everything but the first dimension."""
     return t.reshape(t.shape[0], -1).sum(-1)
+
+
+_GROUP_INDEX: dict = {}  # (indices, device) -> long tensor: a step selects one of at most 2^G subsets
+
+
+def _groups(t: Tensor, idx: list[int]) -> Tensor:
+    """Rows ``idx`` (ascending group indices) of t, without a copy when they are all of t's rows."""
+    if len(idx) == t.shape[0]:
+        return t
+    key = (tuple(idx), t.device)
+    index = _GROUP_INDEX.get(key)
+    if index is None:
+        index = _GROUP_INDEX[key] = torch.tensor(idx, device=t.device)
+    return t.index_select(0, index)
 
 
 def _score(model, x: Tensor, sigma: Tensor) -> Tensor:
@@ -391,8 +406,8 @@ class SteinObjective(Objective):
                                         or not (math.isfinite(window_neff) and window_neff >= 1)):
             raise ValueError(f"window_neff must be a number >= 1 or None, got {window_neff!r}")
         self.window_neff = None if window_neff is None else float(window_neff)
-        self._neff = None  # (L,) the last median n_eff of each level's windows (NaN: not seen yet)
-        self._ladder_cache = None
+        self._neff = None  # [L] the last median n_eff of each level's windows (NaN: not seen yet)
+        self._ladder_cache = self._exclude_cache = None
         self._last_neff = 0.0
         if not isinstance(gather, bool):
             raise ValueError(f"gather must be True or False, got {gather!r}")
@@ -422,49 +437,48 @@ class SteinObjective(Objective):
     def _loss(self, model, batch, generator):
         G, m = batch.noisy.shape[:2]
         shape = batch.noisy.shape[2:]
-        inputs, levels, targets, bandwidths = [], [], [], []
+        noisy = batch.noisy.detach().reshape(G, m, -1)
+        parts = []  # (inputs (k, m, D), levels (k,), targets (k, m, D), bandwidths (k,)) per kind of target
         info = {}
-        with torch.no_grad():
-            xg = batch.noisy.detach().reshape(G, m, -1)
-            if self.gather:  # the whole group from every rank's slice
-                xg = gather_groups(xg)
-            regress = torch.ones(G, dtype=torch.bool, device=xg.device)
+        # the value checks (finite inputs, positive bandwidths) are skipped here: the inputs are made from the
+        # data by perturb and a NaN anywhere reaches the loss, which the training loop checks at every step
+        with torch.no_grad(), value_checks_suspended():
+            xg = gather_groups(noisy) if self.gather else noisy  # the whole group from every rank's slice
+            regress = list(range(G))
             if self.window_neff is not None:
                 y, coarse, g_win, h_win, use, regress = self._window_targets(batch, xg, generator)
-                inputs.append(y[use]), levels.append(coarse[use]), targets.append(g_win[use])
-                bandwidths.append(h_win[use])
-                info = {"window_groups": float(use.double().mean()), "window_neff": self._last_neff}
-            if bool(regress.any()):
+                if use:
+                    parts.append(tuple(_groups(t, use) for t in (y, coarse, g_win, h_win)))
+                info = {"window_groups": len(use) / G, "window_neff": self._last_neff}
+            if regress:
                 # AutoTune keeps its choice between fits only for a fixed batch shape: give it every group
-                fit = regress if self.estimator._autotune_settings() is None else torch.ones_like(regress)
-                xr = xg[fit]
+                fit = regress if self.estimator._autotune_settings() is None else list(range(G))
+                xr = _groups(xg, fit)
                 if self.low_bias_knob:
                     setattr(self.estimator, self.estimator.knob, self.estimator.knob_least_regularised(xr.shape[1]))
                 if self.sigma_bandwidth is not None:  # h = min(rule(x), c sigma) per group
                     h = torch.as_tensor(select_bandwidth(xr, self.bandwidth_rule), dtype=xr.dtype,
                                         device=xr.device).expand(xr.shape[0])
                     self.estimator.bandwidth = torch.minimum(
-                        h, self.sigma_bandwidth * batch.sigma[fit].to(xr.dtype))
+                        h, self.sigma_bandwidth * _groups(batch.sigma, fit).to(xr.dtype))
                 self.estimator.fit(xr)
-                keep = regress[fit]
-                g = self.estimator.scores_.detach()[keep]
+                keep = [fit.index(i) for i in regress]  # the regressed groups' rows of the fit
+                g = _groups(self.estimator.scores_.detach(), keep)
                 if self.gather:
                     g = local_rows(g, m)
-                inputs.append(batch.noisy.detach()[regress].reshape(-1, m, g.shape[-1]))
-                levels.append(batch.sigma[regress].to(xr.dtype))
-                targets.append(g)
-                bandwidths.append(self.estimator.bandwidth_.to(xr.dtype).reshape(-1).expand(keep.shape[0])[keep])
-            x = torch.cat(inputs).reshape(-1, *shape)
-            sig = torch.cat(levels).repeat_interleave(m).to(batch.noisy.dtype)
-            target = torch.cat(targets).reshape(x.shape).to(batch.noisy.dtype)
+                bw = self.estimator.bandwidth_.to(xr.dtype).reshape(-1).expand(len(fit))
+                parts.append((_groups(noisy, regress), _groups(batch.sigma, regress).to(xr.dtype), g, _groups(bw, keep)))
+            inputs, levels, targets, bandwidths = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
+            x = inputs.reshape(-1, *shape)
+            sig = levels.repeat_interleave(m).to(batch.noisy.dtype)
+            target = targets.reshape(x.shape).to(batch.noisy.dtype)
         s = _score(model, x, sig)
         w = sig.to(s.dtype).square()
         loss = (0.5 * w * _sum_rows((s - target).square())).sum() / (G * m)
         with torch.no_grad():  # the diagnostics in one reduction and one host transfer (they run every step)
             sig_col = sig.to(s.dtype).view(-1, *([1] * (x.dim() - 1)))
             stats = torch.stack([target.square().mean(), (sig_col * target).square().mean(),
-                                 (sig_col * s).square().mean(),
-                                 torch.cat(bandwidths).to(s.dtype).mean()]).double().tolist()
+                                 (sig_col * s).square().mean(), bandwidths.to(s.dtype).mean()]).double().tolist()
         return loss, {"target_rms": math.sqrt(stats[0]), "sigma_target_rms": math.sqrt(stats[1]),
                       "sigma_score_rms": math.sqrt(stats[2]), "bandwidth": stats[3], **info}
 
@@ -476,46 +490,55 @@ class SteinObjective(Objective):
         targets ``window_score`` of the group at y leaving out each query's own sample: then
         E[numerator] / E[denominator] = grad log q_{sigma_c}(y) exactly (``estimators.window``).
 
-        Returns y (G, m, D), sigma_c (G,), targets (G, m, D), h (G,), ``use`` (G,) bool: the group has a
-        coarser level and its median n_eff >= window_neff, and ``regress`` (G,) bool: the group's own level
+        Returns y (G, m, D), sigma_c (G,), targets (G, m, D), h (G,), ``use``: the groups (indices, ascending)
+        that have a coarser level and median n_eff >= window_neff, and ``regress``: the groups whose own level
         also needs regression targets (it is the finest level, or the next finer level's groups were last
         seen below the threshold: that level's windows do not cover this one; and every group when no group
         would give anything, so a step is never empty). Under ``gather`` each rank decides on its own queries.
+        The bookkeeping over the G groups and L levels is plain Python: a handful of numbers per step, where
+        tensor indexing would cost more than the window op itself.
         """
         G, m = batch.noisy.shape[:2]
         if batch.sigmas is None:
             raise ValueError("batch: window targets need the schedule (NoisyBatch.sigmas); build it with perturb")
         coarse_of, h_of, finer_of = self._ladder(batch.sigmas)
-        L = coarse_of.numel()
-        if self._neff is None or self._neff.numel() != L:
-            self._neff = torch.full((L,), float("nan"), dtype=torch.float64)
-        lv = batch.level.cpu()
-        has_coarse = coarse_of[lv] > 0  # (G,) on the CPU
-        coarse = coarse_of[lv].to(device=xg.device, dtype=xg.dtype)  # 0 where there is none (unused)
-        h = h_of[lv].to(device=xg.device, dtype=xg.dtype)  # 1 where there is no coarser level (unused)
+        if self._neff is None or len(self._neff) != len(coarse_of):
+            self._neff = [math.nan] * len(coarse_of)
+        lv = batch.level.tolist()
+        has_coarse = [coarse_of[i] > 0 for i in lv]
+        # sigma_c (0: none, unused) and h (1: none, unused) of each group, in one host-to-tensor copy
+        coarse, h = torch.tensor([[coarse_of[i] for i in lv], [h_of[i] for i in lv]], dtype=xg.dtype,
+                                 device=xg.device).unbind(0)
         x_local = batch.noisy.detach().reshape(G, m, -1)
         z = torch.randn(x_local.shape, generator=generator, dtype=x_local.dtype,
                         device=_on(generator, x_local.device)).to(x_local.device)
         y = x_local + h.view(G, 1, 1) * z
         offset = 0 if xg.shape[1] == m else rank_and_world()[0] * m  # this rank's rows of a gathered group
-        exclude = torch.arange(offset, offset + m, device=xg.device)
-        g, neff = window_score(xg, y, h, exclude=exclude, return_neff=True)
-        med = neff.median(-1).values.double().cpu()
-        use = has_coarse & (med >= self.window_neff)
-        self._neff[lv[has_coarse]] = med[has_coarse]
-        self._last_neff = float(med[has_coarse].mean()) if bool(has_coarse.any()) else 0.0
+        g, neff = window_score(xg, y, h, exclude=self._exclude(offset, m, xg.device), return_neff=True)
+        med = neff.median(-1).values.tolist()
+        use = [i for i in range(G) if has_coarse[i] and med[i] >= self.window_neff]
+        seen = [med[i] for i in range(G) if has_coarse[i]]
+        for i in range(G):
+            if has_coarse[i]:
+                self._neff[lv[i]] = med[i]
+        self._last_neff = sum(seen) / len(seen) if seen else 0.0
         # the level just below each group's: was it (last seen) able to give this level its window targets?
-        fi = finer_of[lv]
-        finer_ok = (fi >= 0) & (self._neff[fi.clamp_min(0)] >= self.window_neff)
-        regress = ~finer_ok
-        if not bool((use | regress).any()):  # e.g. one group, at the coarsest level, already covered: no empty step
-            regress[:] = True
-        return y, coarse, g, h, use.to(xg.device), regress.to(xg.device)
+        regress = [i for i in range(G) if not (finer_of[lv[i]] >= 0 and self._neff[finer_of[lv[i]]] >= self.window_neff)]
+        if not use and not regress:  # e.g. one group, at the coarsest level, already covered: no empty step
+            regress = list(range(G))
+        return y, coarse, g, h, use, regress
 
-    def _ladder(self, sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``window_ladder(sigmas)``, cached for the tensor the training loop passes at every step."""
+    def _exclude(self, offset: int, m: int, device) -> Tensor:
+        """arange(offset, offset + m): each query's own sample (cached; the same at every step)."""
+        key = (offset, m, str(device))
+        if self._exclude_cache is None or self._exclude_cache[0] != key:
+            self._exclude_cache = (key, torch.arange(offset, offset + m, device=device))
+        return self._exclude_cache[1]
+
+    def _ladder(self, sigmas: Tensor) -> tuple[list, list, list]:
+        """``window_ladder(sigmas)`` as Python lists, cached for the tensor the training loop passes at every step."""
         if self._ladder_cache is None or self._ladder_cache[0] is not sigmas:
-            self._ladder_cache = (sigmas, window_ladder(sigmas))
+            self._ladder_cache = (sigmas, tuple(t.tolist() for t in window_ladder(sigmas)))
         return self._ladder_cache[1]
 
     def state_dict(self) -> dict:
@@ -523,7 +546,7 @@ class SteinObjective(Objective):
         if last is not None:
             last = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in last.items()}
         return {"estimator": self.estimator_name, "last_tuned": last, "n_fits": int(self.estimator._n_fits),
-                "window_neff": None if self._neff is None else self._neff.clone()}
+                "window_neff": None if self._neff is None else torch.tensor(self._neff, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -538,7 +561,7 @@ class SteinObjective(Objective):
         self.estimator._last_tuned = last
         self.estimator._n_fits = int(state["n_fits"])
         neff = state.get("window_neff")
-        self._neff = None if neff is None else torch.as_tensor(neff, dtype=torch.float64).clone()
+        self._neff = None if neff is None else torch.as_tensor(neff, dtype=torch.float64).tolist()
 
 
 class KSDObjective(Objective):
