@@ -681,6 +681,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+def cpu_isa() -> str:
+    """The widest x86 vector extension the CPU reports ("avx512f", "avx2" or "baseline"): the compiled ops pick
+    their clone by it, so CPU timings are comparable only within one ISA."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return next((isa for isa in ("avx512f", "avx2") if isa in flags), "baseline")
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "steinops": getattr(steinops, "__version__", None), "steinops_path": str(Path(steinops.__file__).parent),

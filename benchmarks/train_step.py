@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from kernels import cpu_model, versions  # noqa: E402
+from kernels import cpu_isa, cpu_model, versions  # noqa: E402
 
 from train.config import resolve  # noqa: E402
 from train.loop import Run  # noqa: E402
@@ -80,11 +80,11 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get("dsm")
     print(f"training step, batch {a.batch_size} in {a.levels_per_step} noise groups, toy MLP, "
-          f"{torch.get_num_threads()} threads, {cpu_model()}")
+          f"{torch.get_num_threads()} threads, {cpu_model()} ({cpu_isa()})")
     print("| method | ms / step | vs dsm |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v * 1e3:.2f} | {v / base:.2f}x |" if base else f"| {k} | {v * 1e3:.2f} | |")
-    res = dict(device=cpu_model(), threads=torch.get_num_threads(), batch_size=a.batch_size,
+    res = dict(device=cpu_model(), isa=cpu_isa(), threads=torch.get_num_threads(), batch_size=a.batch_size,
                levels_per_step=a.levels_per_step, steps=a.steps, rounds=a.rounds, versions=versions(),
                ms_per_step={k: v * 1e3 for k, v in med.items()},
                ratio_to_dsm={k: v / base for k, v in med.items()} if base else None,
