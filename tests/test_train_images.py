@@ -115,7 +115,7 @@ def test_two_processes_with_gloo_equal_one_process(tmp_path, method):
     """2 ranks x half the batch (DDP, gloo) = 1 process x the whole batch: the same losses and weights.
     stein / ksd gather each noise-level group across the ranks; sm goes through the manual gradient average."""
     args = ["--preset", "smoke", "--method", method, "--gather", "--steps", "4", "--log-every", "1",
-            "--eval-every", "4", "--ckpt-every", "4", "--samplers", "annealed", "--threads", "1"]
+            "--eval-every", "4", "--ckpt-every", "4", "--samplers", "annealed", "--threads", "1", "--no-plots"]
     _torchrun(args, tmp_path / "two")
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     one, two = ([r["loss"] for r in rows(tmp_path / d) if "loss" in r] for d in ("one", "two"))
@@ -131,7 +131,7 @@ def test_two_processes_with_gloo_equal_one_process(tmp_path, method):
 
 def test_two_processes_without_gather_differ_for_stein(tmp_path):
     """Without --gather each rank estimates from its own half of a group: a different (noisier) target."""
-    args = ["--preset", "smoke", "--method", "stein", "--steps", "2", "--log-every", "1", "--samplers", "annealed",
+    args = ["--preset", "smoke", "--method", "stein", "--steps", "2", "--log-every", "1", "--samplers", "annealed", "--no-plots",
             "--threads", "1", "--eval-every", "2", "--ckpt-every", "2"]
     _torchrun(args, tmp_path / "two")
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
@@ -143,7 +143,7 @@ def test_two_processes_with_window_targets_and_gather_run(tmp_path):
     """Window targets under torchrun --gather: every rank windows its own rows against the gathered group (its
     own query noise and n_eff decisions, so not bit-identical to one process); the run completes and logs them."""
     args = ["--preset", "smoke", "--method", "stein", "--gather", "--window-neff", "4", "--steps", "4", "--log-every",
-            "1", "--eval-every", "4", "--ckpt-every", "4", "--samplers", "annealed", "--threads", "1"]
+            "1", "--eval-every", "4", "--ckpt-every", "4", "--samplers", "annealed", "--threads", "1", "--no-plots"]
     _torchrun(args, tmp_path / "two")
     logged = [r for r in rows(tmp_path / "two") if "loss" in r]
     assert len(logged) == 4 and all(math.isfinite(r["loss"]) and 0 <= r["window_groups"] <= 1 for r in logged)

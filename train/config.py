@@ -34,6 +34,8 @@ class Config:
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available; under torchrun each rank takes "
                                "cuda:LOCAL_RANK)")
     progress: bool = _opt(True, "show tqdm progress bars (--no-progress to hide)")
+    plots: bool = _opt(True, "draw the pictures under OUT/plots/ at the end (--no-plots: metrics only, e.g. in sweeps; "
+                             "matplotlib takes ~10 s of a short run)")
     # data
     data: str = _opt("two_mode", "training data: a distribution with exact scores (" + ", ".join(DISTRIBUTIONS)
                      + ") or an image data set (digits: scikit-learn's 8x8 digits, bundled; mnist: IDX files in "

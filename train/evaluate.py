@@ -169,7 +169,8 @@ def final_evaluation(run) -> dict:
     from .checkpoint import write_text_atomic
     write_text_atomic(json.dumps(summary, indent=2), out / "metrics.json")
     run.samples = results
-    make_plots(run, results, rows)
+    if cfg.plots:
+        make_plots(run, results, rows)
     return summary
 
 

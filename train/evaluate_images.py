@@ -73,7 +73,8 @@ def final_image_evaluation(run) -> dict:
     )
     write_text_atomic(json.dumps(summary, indent=2), out / "metrics.json")
     run.samples = results
-    _plots(run, results, rows, (lo, hi))
+    if cfg.plots:
+        _plots(run, results, rows, (lo, hi))
     return summary
 
 
