@@ -670,26 +670,29 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (None where there is none or no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown-cpu"
 
 
 def cpu_isa() -> str:
     """The widest x86 vector extension the CPU reports ("avx512f", "avx2" or "baseline"): the compiled ops pick
     their clone by it, so CPU timings are comparable only within one ISA."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
+    flags = _cpuinfo("flags")
+    if flags is None:
         return "unknown"
-    return next((isa for isa in ("avx512f", "avx2") if isa in flags), "baseline")
+    return next((isa for isa in ("avx512f", "avx2") if isa in flags.split()), "baseline")
 
 
 def versions() -> dict:

@@ -22,6 +22,7 @@ noise, only at the noisy samples of a level.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -161,18 +162,17 @@ def _sum_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(-1)
 
 
-_GROUP_INDEX: dict = {}  # (indices, device) -> long tensor: a step selects one of at most 2^G subsets
+@functools.lru_cache(maxsize=64)
+def _index(idx: tuple[int, ...], device: torch.device) -> Tensor:
+    """A long tensor of ``idx``, made once: the objectives select the same few index sets at every step."""
+    return torch.tensor(idx, device=device)
 
 
 def _groups(t: Tensor, idx: list[int]) -> Tensor:
     """Rows ``idx`` (ascending group indices) of t, without a copy when they are all of t's rows."""
     if len(idx) == t.shape[0]:
         return t
-    key = (tuple(idx), t.device)
-    index = _GROUP_INDEX.get(key)
-    if index is None:
-        index = _GROUP_INDEX[key] = torch.tensor(idx, device=t.device)
-    return t.index_select(0, index)
+    return t.index_select(0, _index(tuple(idx), t.device))
 
 
 def _score(model, x: Tensor, sigma: Tensor) -> Tensor:
@@ -407,7 +407,7 @@ class SteinObjective(Objective):
             raise ValueError(f"window_neff must be a number >= 1 or None, got {window_neff!r}")
         self.window_neff = None if window_neff is None else float(window_neff)
         self._neff = None  # [L] the last median n_eff of each level's windows (NaN: not seen yet)
-        self._ladder_cache = self._exclude_cache = None
+        self._ladder_cache = None
         self._last_neff = 0.0
         if not isinstance(gather, bool):
             raise ValueError(f"gather must be True or False, got {gather!r}")
@@ -514,26 +514,19 @@ class SteinObjective(Objective):
                         device=_on(generator, x_local.device)).to(x_local.device)
         y = x_local + h.view(G, 1, 1) * z
         offset = 0 if xg.shape[1] == m else rank_and_world()[0] * m  # this rank's rows of a gathered group
-        g, neff = window_score(xg, y, h, exclude=self._exclude(offset, m, xg.device), return_neff=True)
+        exclude = _index(tuple(range(offset, offset + m)), xg.device)  # each query's own sample
+        g, neff = window_score(xg, y, h, exclude=exclude, return_neff=True)
         med = neff.median(-1).values.tolist()
-        use = [i for i in range(G) if has_coarse[i] and med[i] >= self.window_neff]
-        seen = [med[i] for i in range(G) if has_coarse[i]]
-        for i in range(G):
-            if has_coarse[i]:
-                self._neff[lv[i]] = med[i]
-        self._last_neff = sum(seen) / len(seen) if seen else 0.0
+        seen = [i for i in range(G) if has_coarse[i]]
+        use = [i for i in seen if med[i] >= self.window_neff]
+        for i in seen:
+            self._neff[lv[i]] = med[i]
+        self._last_neff = sum(med[i] for i in seen) / len(seen) if seen else 0.0
         # the level just below each group's: was it (last seen) able to give this level its window targets?
         regress = [i for i in range(G) if not (finer_of[lv[i]] >= 0 and self._neff[finer_of[lv[i]]] >= self.window_neff)]
         if not use and not regress:  # e.g. one group, at the coarsest level, already covered: no empty step
             regress = list(range(G))
         return y, coarse, g, h, use, regress
-
-    def _exclude(self, offset: int, m: int, device) -> Tensor:
-        """arange(offset, offset + m): each query's own sample (cached; the same at every step)."""
-        key = (offset, m, str(device))
-        if self._exclude_cache is None or self._exclude_cache[0] != key:
-            self._exclude_cache = (key, torch.arange(offset, offset + m, device=device))
-        return self._exclude_cache[1]
 
     def _ladder(self, sigmas: Tensor) -> tuple[list, list, list]:
         """``window_ladder(sigmas)`` as Python lists, cached for the tensor the training loop passes at every step."""
