@@ -54,6 +54,46 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert all(0 < row[k] < 10 for k in ("default_out", "auto_in", "auto_out", "oracle_out"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spectral_oracle_equals_the_fits(dtype, monkeypatch):
+    """The accuracy oracle's eigendecomposition path gives the estimators' own fits and predictions, for every
+    candidate of the grid, and so the same oracle as fitting each candidate."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import accuracy
+    import spectral_oracle
+    import steinops
+    from steinops.bandwidth import median_distance
+    from steinops.distributions import get_distribution
+    gen = torch.Generator().manual_seed(7)
+    dist = get_distribution("eight_gaussians")
+    x, q = dist.sample(45, 0.3, generator=gen), dist.sample(13, 0.3, generator=gen)
+    sx, sq = dist.score(x, 0.3), dist.score(q, 0.3)
+    x, q = x.to(dtype), q.to(dtype)
+    med = float(median_distance(x))
+    tol = 1e-10 if dtype == torch.float64 else 2e-3
+    for name in spectral_oracle.SPECTRAL:
+        proto = steinops.score_estimator(name)
+        for mult in (0.5, 2.0):
+            basis = spectral_oracle.SpectralBasis(x, q, mult)
+            for val in proto.knob_grid(45)[::2]:
+                est = steinops.score_estimator(name, bandwidth=mult * med, **{proto.knob: val})
+                G, P = basis.scores(est)
+                fit = est.fit(x)
+                assert G.dtype == P.dtype == dtype
+                torch.testing.assert_close(G, fit.scores_, rtol=tol, atol=tol * float(fit.scores_.abs().max()))
+                pred = fit.predict(q)
+                torch.testing.assert_close(P, pred, rtol=tol, atol=tol * float(pred.abs().max()))
+        if dtype == torch.float64:
+            by_fits = accuracy.run_case(name, x, q, sx, sq)
+            by_eigh = accuracy.run_case(name, x, q, sx, sq, bases={})
+            assert (by_fits["oracle_by"], by_eigh["oracle_by"]) == ("fits", "eigendecomposition")
+            assert by_eigh["oracle_params"] == by_fits["oracle_params"]
+            for key in ("oracle_in", "oracle_out", "oracle_out_best"):
+                assert by_eigh[key] == pytest.approx(by_fits[key], rel=1e-9)
+    with pytest.raises(ValueError, match="no spectral form"):
+        spectral_oracle.SpectralBasis(x, q, 1.0).scores(steinops.score_estimator("stein"))
+
+
 def test_window_targets_benchmark_quick(tmp_path):
     data = _run(["benchmarks/window_targets.py", "--data", "two_mode", "--queries", "16", "--replicates", "4",
                  "--group-size", "64"], tmp_path)

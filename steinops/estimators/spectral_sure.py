@@ -100,12 +100,38 @@ def _terms(p, filter_fn, idx):
     return 0.5 * (G * G).sum(-1) + tr
 
 
+def recursion_values(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients, forcing=None):
+    """The iterative kscore fit (Landweber, nu) in the eigenbasis of K: ``(a_T (n, 1), c_T (n, M), v_T (n, M))``.
+
+    The fit runs ``c_k = c_{k-1} + mu_k (c_{k-1} - c_{k-2}) - (omega_k step / M) v_{k-1}``, ``a_k`` likewise with
+    ``- omega_k step``, ``v_k = a_k Z + K c_k`` (``Z = S / M``); with ``K = U diag(lam) U^T`` each eigen-direction
+    runs it on scalars (K is lam, Z is 1), so the fit's coefficients are ``U diag(c_T) U^T S / M``, its in-sample
+    scores ``U diag(v_T) U^T S / M`` and its prediction ``a_T S_z / M + K_z U diag(c_T) U^T S / M``. lam (n, M),
+    step (n), T (n) int (sets with fewer steps stop early, as in the fit), ``coefficients(k) -> (mu_k, omega_k)``.
+    ``forcing`` (n, max T, M): if given, receives ``-(omega_k step / M) c_{k-1}`` for k = 1..T (the divided
+    differences' recursion, below)."""
+    T = T.to(lam.device)
+    st = step.to(lam)[:, None]  # (n, 1)
+    a = a_prev = torch.zeros_like(lam[:, :1])
+    c = c_prev = v = torch.zeros_like(lam)
+    for k in range(1, int(T.max()) + 1):
+        mu, om = coefficients(k)
+        if forcing is not None:
+            forcing[:, k - 1] = -(om / M) * st * c
+        live = (T >= k)[:, None]
+        a_new = a + mu * (a - a_prev) - om * st
+        c_new = c + mu * (c - c_prev) - (om / M) * st * v
+        a_prev, c_prev = torch.where(live, a, a_prev), torch.where(live, c, c_prev)
+        a, c = torch.where(live, a_new, a), torch.where(live, c_new, c)
+        v = a + lam * c
+    return a, c, v
+
+
 def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients):
     """Filter values f (n, M) and divided differences (n, M, M) of an iterative kscore fit (Landweber, nu).
 
-    The fit runs ``c_k = c_{k-1} + mu_k (c_{k-1} - c_{k-2}) - (omega_k step / M) v_{k-1}``, ``a_k`` likewise with
-    ``- omega_k step``, ``v_k = a_k Z + K c_k`` (``Z = S / M``) for k = 1..T per set; in the eigenbasis K is
-    lambda and Z is 1, so the in-sample fit is ``G = U diag(v_T(lambda)) U^T S / M`` and ``f = -v_T / M``. The
+    The fit's recursion in the eigenbasis (``recursion_values``) gives the in-sample fit
+    ``G = U diag(v_T(lambda)) U^T S / M``, so ``f = -v_T / M``. The
     same recursion on the divided differences (``[a] = 0``, ``[v]_pq = c_q + lambda_p [c]_pq``) is, for each p,
     linear in ``y_k = [c_k]_p.``::
 
@@ -122,19 +148,8 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
     Tmax = int(T.max())
     st = step.to(lam)[:, None]  # (n, 1)
     coef = [coefficients(k) for k in range(1, Tmax + 1)]
-    # forward: the scalar recursion on the eigenvalues, keeping c_{k-1} for the forcing g_k
-    a = a_prev = torch.zeros_like(lam[:, :1])
-    c = c_prev = v = torch.zeros_like(lam)
     forcing = torch.empty(n, Tmax, M, dtype=lam.dtype, device=lam.device)
-    for k in range(1, Tmax + 1):
-        mu, om = coef[k - 1]
-        forcing[:, k - 1] = -(om / M) * st * c
-        live = (T >= k)[:, None]
-        a_new = a + mu * (a - a_prev) - om * st
-        c_new = c + mu * (c - c_prev) - (om / M) * st * v
-        a_prev, c_prev = torch.where(live, a, a_prev), torch.where(live, c, c_prev)
-        a, c = torch.where(live, a_new, a), torch.where(live, c_new, c)
-        v = a + lam * c
+    _, c, v = recursion_values(lam, step, T, M, coefficients, forcing=forcing)
     # backward: adjoint weights w_k(p) of y_T, zero beyond each set's T
     weights = torch.zeros(n, M, Tmax, dtype=lam.dtype, device=lam.device)
     w1 = w2 = torch.zeros_like(lam)  # w_{k+1}, w_{k+2}
