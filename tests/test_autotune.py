@@ -421,13 +421,36 @@ def test_recursion_divided_differences_match_the_filter():
     torch.testing.assert_close(Gam[0].diagonal(), deriv, rtol=1e-10, atol=1e-12)
 
 
+def test_structured_divided_differences_equal_dense():
+    # the operators that apply Gam without forming it (exact SURE at large M) against the dense products
+    from steinops.estimators._spectral_filter import divided_differences
+    from steinops.estimators.kef import nu_coefficients
+    from steinops.estimators.spectral_sure import PrefixSupported, recursion_divided_differences
+    M, T = 41, 6
+    lam = torch.rand(2, M, dtype=torch.float64).sort(-1, descending=True).values * 3
+    X = torch.randn(2, M, M, dtype=torch.float64)
+    step = torch.tensor([0.9, 0.5], dtype=torch.float64)
+    coef = lambda k: nu_coefficients(k, 1.0)  # noqa: E731
+    f, dense = recursion_divided_differences(lam, step, torch.tensor([T, T - 2]), M, coef)
+    f2, low = recursion_divided_differences(lam, step, torch.tensor([T, T - 2]), M, coef, factored=True)
+    assert isinstance(dense, torch.Tensor) and not isinstance(low, torch.Tensor)  # 4 T < M: factored
+    torch.testing.assert_close(f2, f, rtol=0, atol=0)
+    torch.testing.assert_close(low.dense(), dense, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(low.rmatmul(X), X @ dense, rtol=1e-10, atol=1e-12)
+    mask = torch.zeros(2, M, dtype=torch.bool)
+    mask[0, :5], mask[1, :9] = True, True  # prefixes of the descending eigenvalues, as the SSGE keeps them
+    Gam = divided_differences(lam, mask, 1)
+    assert bool((Gam[:, 9:, 9:] == 0).all())
+    torch.testing.assert_close(PrefixSupported(Gam, 9).rmatmul(X), X @ Gam, rtol=1e-12, atol=1e-12)
+
+
 def test_exact_sure_chunks_and_dtypes(monkeypatch):
     from steinops.estimators import spectral_sure
     x = torch.randn(5, 12, 2, dtype=torch.float64)
     est = steinops.score_estimator("nu", bandwidth=torch.full((5,), 1.1, dtype=torch.float64),
                                    lam=torch.full((5,), 1e-2, dtype=torch.float64))
     whole = est.exact_sure(x)
-    monkeypatch.setattr(spectral_sure, "EXACT_SURE_CHUNK_ENTRIES", 2 * 12 * 12)  # chunks of 2 sets
+    monkeypatch.setattr(spectral_sure, "EXACT_SURE_CHUNK_ENTRIES", 2 * 14 * 12)  # chunks of 2 sets (12 + d buffers)
     torch.testing.assert_close(est.exact_sure(x), whole, rtol=1e-12, atol=1e-12)
     est32 = steinops.score_estimator("nu", bandwidth=torch.full((5,), 1.1), lam=torch.full((5,), 1e-2))
     t32 = est32.exact_sure(x.float())

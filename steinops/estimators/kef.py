@@ -337,7 +337,7 @@ class _IterativeBase(_KScoreBase):
                 step = 1.0 / (spectral_bound(K) / M)  # as the fit chooses it (no gradient)
             else:
                 step = torch.full(lam.shape[:1], self.step, dtype=lam.dtype, device=lam.device)
-            return recursion_divided_differences(lam, step, T[idx.to(T.device)], M, self._coefficients)
+            return recursion_divided_differences(lam, step, T[idx.to(T.device)], M, self._coefficients, factored=True)
         return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
 
     def _iterations(self, batch, like) -> torch.Tensor:

@@ -54,7 +54,7 @@ from ..ops.gram import gram
 from .. import _checks
 from ._spectral_filter import divided_differences, truncated_inverse
 from .base import ScoreEstimator, register
-from .spectral_sure import exact_sure_applies, spectral_sure_terms
+from .spectral_sure import PrefixSupported, exact_sure_applies, spectral_sure_terms
 
 DEFAULT_EIG_MASS = 0.99
 EIG_MASS_GRID = (0.9, 0.95, 0.99, 0.999)  # searched with bandwidth="auto" when eig_mass="auto"
@@ -167,7 +167,8 @@ class SpectralScoreEstimator(ScoreEstimator):
         def filter_fn(lam, K, idx):
             mask = self._mask(lam, None if mass is None else mass[idx], eps)
             f = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0)
-            return f, divided_differences(lam, mask, 1)
+            support = int(((torch.arange(M, device=lam.device) + 1) * mask).max())  # kept pairs: a prefix
+            return f, PrefixSupported(divided_differences(lam, mask, 1), support)
         return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
 
     def _fit(self, xc, h):

@@ -24,7 +24,12 @@ matrices:
       B2_i = 2 sum_p U_ip (D U)_ip [(U o Y) Gam]_ip  -  2 sum_k sum_j D_ij x_jk Z^k_ij,
              Z^k = (U o V^k) U^T,   V^k = (U diag(W_:k)) Gam.
 
-Cost O((2 d + 6) M^3) plus one ``eigh`` per candidate, so it is used for d <= ``EXACT_SURE_MAX_D``: there it costs
+Cost. Everything but Gam is shared by the candidates of one bandwidth (``_parts``: one ``eigh`` and (3 + d)
+M^3 products, among them ``E^k = D diag(x_:k) U`` so that ``sum_j D_ij x_jk Z^k_ij = sum_q (U o E^k)_iq V^k_iq``
+and Z^k is never formed); a candidate then costs (2 + d) products ``X Gam``: M^3 each for a dense Gam, 2 M^2 J for
+the SSGE (Gam vanishes between two of the M - J dropped eigenpairs: ``PrefixSupported``), 4 M^2 T for T steps of
+Landweber / nu (Gam has rank <= 2 T + 2: ``LowRankSymmetric``). Before this split every candidate cost
+(3 + 2 d) M^3. The exact trace is used for d <= ``EXACT_SURE_MAX_D``: there it cost
 about as much as 8 Hutchinson probes or less (M = 512, one thread of a 2-core Intel Xeon, d = 16: SSGE 0.20 s
 against 0.19 s, Landweber 0.22 s against 1.01 s, nu 0.19 s against 0.16 s; d = 2: 0.08-0.10 s against 1.18, 0.62
 and 0.10 s), and it has no probe noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two
@@ -41,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from .base import dense_fits
-from .stein_loo import radial_terms, stein_term_trace
+from .stein_loo import radial_terms
 
 EXACT_SURE_MAX_D = 16  # above, 8 Hutchinson probes are cheaper than the d M^3 products of the exact trace
 EXACT_SURE_CHUNK_ENTRIES = 2**23  # Gram entries per chunk of sample sets (about 12 M x M float64 buffers each)
@@ -53,14 +58,15 @@ def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf
 
     x (..., M, d) samples; h (...) bandwidths. ``filter_fn(lam, K, idx)`` gets the eigenvalues lam (n, M)
     (descending, float64) of the Gram matrices K (n, M, M) of the sets ``idx`` (indices into the flattened
-    batch) and returns ``(f, Gam)``: the filter values (n, M) and their divided differences (n, M, M).
+    batch) and returns ``(f, Gam)``: the filter values (n, M) and their divided differences, a tensor
+    (n, M, M) or an operator with ``rmatmul(X) = X @ Gam`` (``PrefixSupported``, ``LowRankSymmetric``).
     ``cache``: a dict kept by the caller across candidates; when the whole batch is one chunk it holds the
     eigendecomposition and the filter-independent products of the last (x, h), so candidates that differ only
     in the knob share them (``autotune.tune`` orders its grid by bandwidth).
     """
     batch, M, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     xf, hf = x.detach().reshape(-1, M, d), h.detach().reshape(-1)
-    chunk = max(1, EXACT_SURE_CHUNK_ENTRIES // (M * M))
+    chunk = max(1, EXACT_SURE_CHUNK_ENTRIES * 12 // (M * M * (12 + d)))  # the cache holds 10 + d M x M buffers
     if cache is not None and len(xf) <= chunk:
         key = (xf.data_ptr(), xf._version, tuple(xf.shape), str(xf.dtype), tuple(hf.tolist()), str(kernel))
         if cache.get("key") != key:
@@ -74,30 +80,76 @@ def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf
 
 
 def _parts(x, h, kernel):
-    """Everything of the trace that does not depend on the filter (float64, centred)."""
+    """Everything of the trace that does not depend on the filter (float64, centred): the eigendecomposition and
+    the (M x M) x (M x M) products, so that a candidate's own terms need only products with Gam (``_terms``)."""
     p = radial_terms(x, h, kernel)
+    D, c = p["D"], p["c"]
     lam, U = torch.linalg.eigh(p["K"])
     lam, U = lam.flip(-1), U.flip(-1)  # descending
     W = U.mT @ p["S"]  # (n, M, d)
     Y = p["x"] @ W.mT  # (n, M, M): Y_jq = x_j . W_q
-    DU = p["D"] @ U
+    DU = D @ U
     UY = U * Y
-    return dict(x=p["x"], K=p["K"], D=p["D"], c=p["c"], lam=lam, U=U, W=W, DU=DU, UY=UY, B=DU * Y - p["D"] @ UY)
+    B = DU * Y - D @ UY
+    del Y
+    # the Stein term's trace sum_m F_im c_im = sum_q U_iq f_q (c U)_iq and F_ii = sum_q U_iq^2 f_q
+    UcU = U * (c @ U)
+    # the filter's second part, per coordinate k: sum_j D_ij x_jk Z^k_ij = sum_q (U o E^k)_iq V^k_iq with
+    # E^k = D diag(x_:k) U (so Z^k = (U o V^k) U^T is never formed)
+    UE = torch.stack([U * (D @ (p["x"][..., :, k, None] * U)) for k in range(x.shape[-1])])  # (d, n, M, M)
+    return dict(K=p["K"], csum=c.sum(-1), lam=lam, U=U, UU=U * U, W=W, UY=UY, UDU=U * DU, B=B, UcU=UcU, UE=UE)
+
+
+def _rmatmul(X, Gam):
+    """``X @ Gam`` for a dense Gam or a structured one (``rmatmul``)."""
+    return X @ Gam if isinstance(Gam, torch.Tensor) else Gam.rmatmul(X)
 
 
 def _terms(p, filter_fn, idx):
-    x, D, U, W, DU, UY = p["x"], p["D"], p["U"], p["W"], p["DU"], p["UY"]
-    f, Gam = filter_fn(p["lam"], p["K"], idx.to(x.device))
+    U, W = p["U"], p["W"]
+    f, Gam = filter_fn(p["lam"], p["K"], idx.to(U.device))
     G = -U @ (f[..., None] * W)
-    tr = stein_term_trace((U * f[..., None, :]) @ U.mT, p["c"])  # the Stein term moves
-    # the filter moves
-    b1 = 2 * (((U * U) @ Gam) * p["B"]).sum(-1)
-    b2 = 2 * (U * DU * (UY @ Gam)).sum(-1)
-    for k in range(x.shape[-1]):
-        Z = (U * ((U * W[..., None, :, k]) @ Gam)) @ U.mT
-        b2 = b2 - 2 * (D * Z * x[..., None, :, k]).sum(-1)
+    fcol = f[..., None]
+    tr = -((p["UcU"] @ fcol)[..., 0] - (p["UU"] @ fcol)[..., 0] * p["csum"])  # the Stein term moves
+    # the filter moves: row sums of (X Gam) o A for (X, A) = (U o U, B), (U o Y, U o DU), (U diag(W_:k), U o E^k)
+    b1 = 2 * (_rmatmul(p["UU"], Gam) * p["B"]).sum(-1)
+    b2 = 2 * (p["UDU"] * _rmatmul(p["UY"], Gam)).sum(-1)
+    for k in range(W.shape[-1]):
+        b2 = b2 - 2 * (p["UE"][k] * _rmatmul(U * W[..., None, :, k], Gam)).sum(-1)
     tr = tr - (b1 + b2)
     return 0.5 * (G * G).sum(-1) + tr
+
+
+class PrefixSupported:
+    """Divided differences Gam (n, M, M) that vanish outside the first J rows and columns' cross
+    (``Gam[:, J:, J:] = 0``; the SSGE's mask keeps a prefix of the descending eigenvalues, and two dropped
+    ones have no divided difference): ``X @ Gam`` in 2 M^2 J operations instead of M^3."""
+
+    def __init__(self, Gam: torch.Tensor, J: int):
+        self.Gam, self.J = Gam, J
+
+    def rmatmul(self, X):
+        J = self.J
+        if 2 * J >= X.shape[-1]:
+            return X @ self.Gam
+        return torch.cat([X @ self.Gam[..., :J], X[..., :J] @ self.Gam[..., :J, J:]], -1)
+
+
+class LowRankSymmetric:
+    """``Gam = s (1 c^T + c 1^T + L R + R^T L^T)`` (n, M, M), with c (n, M), L (n, M, T), R (n, T, M) and the
+    scalar s: ``X @ Gam`` in about 4 M^2 T operations (the iterative filters' divided differences have rank
+    at most 2 T + 2). ``dense()`` forms it."""
+
+    def __init__(self, c, L, R, scale):
+        self.c, self.L, self.R, self.scale = c, L, R, scale
+
+    def dense(self):
+        dv = self.c[:, None, :] + self.L @ self.R
+        return self.scale * (dv + dv.mT)
+
+    def rmatmul(self, X):
+        ones_part = X.sum(-1, keepdim=True) * self.c[:, None, :] + (X @ self.c[..., None])  # (X 1) c^T + (X c) 1^T
+        return self.scale * (ones_part + (X @ self.L) @ self.R + (X @ self.R.mT) @ self.L.mT)
 
 
 def recursion_values(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients, forcing=None):
@@ -127,7 +179,8 @@ def recursion_values(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficie
     return a, c, v
 
 
-def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients):
+def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients,
+                                  factored: bool = False):
     """Filter values f (n, M) and divided differences (n, M, M) of an iterative kscore fit (Landweber, nu).
 
     The fit's recursion in the eigenbasis (``recursion_values``) gives the in-sample fit
@@ -142,6 +195,7 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
     w_{k+2}``: two scalar passes of T steps over the M eigenvalues and one (M x T)(T x M) product, instead of T
     passes over M x M matrices. Exact (no division by eigenvalue gaps). ``coefficients(k) -> (mu_k, omega_k)``;
     lam (n, M) with M the number of samples, step (n), T (n) int (sets with fewer steps stop early, as in the fit).
+    ``factored``: return Gam as a ``LowRankSymmetric`` operator where that is cheaper (4 T < M), else dense.
     """
     n = lam.shape[0]
     T = T.to(lam.device)
@@ -163,9 +217,9 @@ def recursion_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: i
         w = torch.where((T == k)[:, None], torch.ones_like(w), torch.where((T < k)[:, None], torch.zeros_like(w), w))
         weights[:, :, k - 1] = w
         w1, w2 = w, w1
-    dc = weights @ forcing  # (n, M, M): [c_T]_pq
-    dv = c[:, None, :] + lam[:, :, None] * dc
-    return -v / M, -(dv + dv.mT) / (2 * M)  # symmetric in exact arithmetic; average the rounding
+    # [v_T]_pq = c_q + lambda_p [c_T]_pq with [c_T] = weights @ forcing (rank <= T); Gam = -sym([v_T]) / M
+    gam = LowRankSymmetric(c, lam[:, :, None] * weights, forcing, -0.5 / M)
+    return -v / M, (gam if factored and 4 * Tmax < M else gam.dense())
 
 
 def exact_sure_applies(bandwidth, x: torch.Tensor) -> bool:
