@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from steinops.bandwidth import median_distance
+from steinops.estimators._spectral_filter import masked_reciprocal
 from steinops.estimators.kef import spectral_bound
 from steinops.estimators.spectral_sure import recursion_values
 from steinops.ops.gram import gram
@@ -60,7 +61,7 @@ class SpectralBasis:
         knob = torch.as_tensor(float(getattr(est, est.knob)), dtype=self.lam.dtype)
         if name == "ssge":
             mask = est._mask(self.lam, knob)
-            inv = torch.where(mask, 1 / torch.where(mask, self.lam, torch.ones_like(self.lam)), 0.0)
+            inv = masked_reciprocal(self.lam, mask)
             return -self.U @ (inv[:, None] * self.W), -self.KqU @ (inv[:, None] ** 2 * self.W)
         T = est._steps(knob).clamp_min(1).reshape(1)
         a, c, v = recursion_values(self.lam[None], self.step.reshape(1), T, self.M, est._coefficients)

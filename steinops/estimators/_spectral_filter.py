@@ -22,6 +22,12 @@ from __future__ import annotations
 import torch
 
 
+def masked_reciprocal(lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask / lam`` (..., M): 1 / lam on the kept eigenpairs, 0 elsewhere (no division by a dropped, possibly
+    zero, eigenvalue)."""
+    return torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+
+
 def divided_differences(lam: torch.Tensor, mask: torch.Tensor, power: int) -> torch.Tensor:
     """F (..., M, M) of ``f = mask / lambda^power`` at the eigenvalues lam (..., M)."""
     li, lj = lam[..., :, None], lam[..., None, :]
@@ -46,7 +52,7 @@ class _TruncatedInverse(torch.autograd.Function):
         lam, U = torch.linalg.eigh(K)  # ascending
         lam, U = lam.flip(-1), U.flip(-1)  # descending
         mask = mask_fn(lam)
-        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        inv = masked_reciprocal(lam, mask)
         W = (S.mT @ U).mT  # (..., M, d): U^T S (U^T S itself takes a slow matmul path)
         G = U @ (inv[..., None] * W)
         C = U @ (inv[..., None] ** 2 * W)
@@ -57,7 +63,7 @@ class _TruncatedInverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G_bar, C_bar, *_):
         S, lam, U, mask, W = ctx.saved_tensors
-        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        inv = masked_reciprocal(lam, mask)
         K_bar = S_bar = None
         Ut_Gbar = (G_bar.mT @ U).mT  # (..., M, d)
         Ut_Cbar = (C_bar.mT @ U).mT

@@ -52,7 +52,7 @@ import torch
 
 from ..ops.gram import gram
 from .. import _checks
-from ._spectral_filter import divided_differences, truncated_inverse
+from ._spectral_filter import divided_differences, masked_reciprocal, truncated_inverse
 from .base import ScoreEstimator, register
 from .spectral_sure import PrefixSupported, exact_sure_applies, spectral_sure_terms
 
@@ -166,7 +166,7 @@ class SpectralScoreEstimator(ScoreEstimator):
 
         def filter_fn(lam, K, idx):
             mask = self._mask(lam, None if mass is None else mass[idx], eps)
-            f = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), 0.0)
+            f = masked_reciprocal(lam, mask)
             support = int(((torch.arange(M, device=lam.device) + 1) * mask).max())  # kept pairs: a prefix
             return f, PrefixSupported(divided_differences(lam, mask, 1), support)
         return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
@@ -181,7 +181,7 @@ class SpectralScoreEstimator(ScoreEstimator):
         G, C, lam, U, mask = truncated_inverse(K, S, lambda lam: self._mask(lam, mass))
         self.eigenvalues_, self.eigenvectors_, self.eigen_mask_ = lam, U, mask
         self.n_eigen_ = mask.sum(-1)
-        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        inv = masked_reciprocal(lam, mask)
         self.beta_ = -inv[..., None] * (S.detach().mT @ U).mT / math.sqrt(M)  # for inspection (no gradient)
         self._C = -C
         return -G
@@ -198,5 +198,5 @@ class SpectralScoreEstimator(ScoreEstimator):
         zc = z.to(self._x.dtype) - self._centre
         Kq = gram(zc, self._x, kernel=self.kernel, bandwidth=self.bandwidth_, backend=self.backend)
         lam, mask = self.eigenvalues_, self.eigen_mask_
-        inv = torch.where(mask, 1 / torch.where(mask, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        inv = masked_reciprocal(lam, mask)
         return math.sqrt(self._x.shape[-2]) * (Kq @ self.eigenvectors_) * inv[..., None, :]
