@@ -17,6 +17,12 @@ at the samples (in-sample) and at the queries (out-of-sample), for
 
     python benchmarks/accuracy.py [--quick] [--samples 128 1024 8192] [--estimators stein kef:curl_free ...]
 
+Each case is one random draw of the samples (replicate 0, seed ``--seed``). The error is an expectation over the
+draw as well, and auto's choice on one draw can miss by sampling noise alone, so ``--replicates R`` repeats every
+case on R independent draws (replicate r draws with seed ``--seed + r``; ``--first-replicate`` continues a run).
+The summary then adds, per case with several draws, the ratio of auto's mean error over the draws to the mean of
+the per-draw oracles, and the share of single draws within 1.3x.
+
 "kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
 Prints a table and writes JSON (``--out``).
@@ -117,7 +123,55 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None):
                 oracle_out_best=best_out, oracle_by="eigendecomposition" if spectral else "fits")
 
 
+def replicate(row) -> int:
+    return row.get("replicate", 0)
+
+
+def case_key(row) -> tuple:
+    return row["estimator"], row["distribution"], row["M"], row["sigma"]
+
+
 def summary(rows) -> str:
+    """The single-draw table (replicate 0 of every case, ``single_draw_summary``) and, where cases have several
+    draws, the table over draws (``replicate_summary``)."""
+    text = single_draw_summary([r for r in rows if replicate(r) == 0])
+    many = replicate_summary(rows)
+    return text + ("\n\n" + many if many else "")
+
+
+def replicate_summary(rows) -> str:
+    """Markdown over the cases with at least two draws: per estimator, auto's mean in-sample error over the draws
+    divided by the mean of the per-draw oracles (geometric mean and worst over cases, and how many cases are within
+    1.3x), and how many single draws are within 1.3x of their own oracle."""
+    cases = {}
+    for r in rows:
+        cases.setdefault(case_key(r), []).append(r)
+    cases = {k: v for k, v in cases.items() if len(v) > 1}
+    if not cases:
+        return ""
+    lines = ["| estimator | cases | draws per case | auto mean / oracle mean: geo-mean (worst) | cases within 1.3x | "
+             "single draws within 1.3x |", "|---|---|---|---|---|---|"]
+    geo = statistics.geometric_mean
+    miss = []
+    for name in sorted({k[0] for k in cases}, key=lambda n: (VARIANTS.index(n) if n in VARIANTS else 99, n)):
+        ks = [k for k in cases if k[0] == name]
+        ratios, draws_ok, draws = [], 0, []
+        for k in ks:
+            rs = cases[k]
+            ratio = sum(r["auto_in"] for r in rs) / sum(r["oracle_in"] for r in rs)
+            ratios.append(ratio)
+            draws.append(len(rs))
+            draws_ok += sum(r["auto_in"] <= 1.3 * r["oracle_in"] for r in rs)
+            if ratio > 1.3:
+                miss.append(f"{name} {k[1]} M={k[2]} sigma={k[3]}: {ratio:.2f}x")
+        span = f"{min(draws)}" if min(draws) == max(draws) else f"{min(draws)}-{max(draws)}"
+        lines.append(f"| {name} | {len(ks)} | {span} | {geo(ratios):.2f}x ({max(ratios):.2f}x) | "
+                     f"{sum(x <= 1.3 for x in ratios)} / {len(ratios)} | {draws_ok} / {sum(draws)} |")
+    return "\n".join(lines + ["", f"over draws, auto's mean over 1.3x the oracles' mean in {len(miss)} of {len(cases)} cases"
+                                 + (": " + "; ".join(miss) if miss else "")])
+
+
+def single_draw_summary(rows) -> str:
     """Markdown: per estimator, the ratio of the in-sample error to the oracle's for the default and for auto
     (geometric mean and worst), and how many cases auto has within 1.3x (the target), also at M >= 1024; then the
     out-of-sample ratio of auto to the best out-of-sample error on the grid, and the cases missing the target."""
@@ -149,6 +203,8 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=512, help="fresh query points per case")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=int, default=1, help="independent draws of every case (seeds seed + r)")
+    p.add_argument("--first-replicate", type=int, default=0, help="index of the first draw (to continue a run)")
     p.add_argument("--criterion", choices=list(autotune.CRITERIA), default="auto",
                    help="auto's selection criterion (AutoTune(criterion=...); default: leave-one-out where affordable)")
     p.add_argument("--se-rule", type=float, default=None,
@@ -171,6 +227,8 @@ def main(argv=None):
             parse_variant(e)
         except ValueError as err:
             p.error(str(err))
+    if a.replicates < 1 or a.first_replicate < 0:
+        p.error("--replicates must be >= 1 and --first-replicate >= 0")
     dtype = getattr(torch, a.dtype)
     rows, t0 = [], time.time()
     out = Path(a.out)
@@ -183,23 +241,26 @@ def main(argv=None):
                                        torch=torch.__version__, seconds=time.time() - t0), indent=1))
         os.replace(tmp, out)
 
-    print(f"{'estimator':14} {'distribution':16} {'M':>5} {'sigma':>5} | {'default in':>10} {'out':>7} | "
+    print(f"{'estimator':14} {'distribution':16} {'M':>5} {'sigma':>5} {'draw':>4} | {'default in':>10} {'out':>7} | "
           f"{'auto in':>8} {'out':>7} | {'oracle in':>9} {'out':>7} | default/oracle auto/oracle")
-    for dname, M, sigma in itertools.product(a.distributions, a.samples, a.sigmas):
-        gen = torch.Generator().manual_seed(a.seed)
+    draws = range(a.first_replicate, a.first_replicate + a.replicates)
+    for dname, M, sigma, rep in itertools.product(a.distributions, a.samples, a.sigmas, draws):
+        seed = a.seed + rep
+        gen = torch.Generator().manual_seed(seed)
         dist = get_distribution(dname)
         x = dist.sample(M, sigma, generator=gen)
         q = dist.sample(a.queries, sigma, generator=gen)
         sx, sq = dist.score(x, sigma), dist.score(q, sigma)
         bases = {}  # the spectral oracle's eigendecompositions, shared by the estimators of this case
         for name in a.estimators:
-            torch.manual_seed(a.seed)  # auto's random splits: reproducible per case
+            torch.manual_seed(seed)  # auto's random splits: reproducible per case
             t = time.time()
             r = run_case(name, x.to(dtype), q.to(dtype), sx, sq,
                          auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule, probes=a.probes), bases=bases)
-            r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, seconds=time.time() - t)
+            r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, replicate=rep,
+                     seconds=time.time() - t)
             rows.append(r)
-            print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "
+            print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} {rep:4d} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "
                   f"{r['auto_in']:8.4f} {r['auto_out']:7.4f} | {r['oracle_in']:9.4f} {r['oracle_out']:7.4f} | "
                   f"{r['default_in'] / r['oracle_in']:13.2f}x {r['auto_in'] / r['oracle_in']:10.2f}x", flush=True)
             save(rows)

@@ -54,6 +54,35 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert all(0 < row[k] < 10 for k in ("default_out", "auto_in", "auto_out", "oracle_out"))
 
 
+def test_accuracy_replicates_are_independent_draws_and_summarised(tmp_path):
+    data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--replicates", "2",
+                 "--first-replicate", "1"], tmp_path)
+    rows = data["rows"]
+    assert [r["replicate"] for r in rows] == [1, 2]
+    assert rows[0]["oracle_in"] != rows[1]["oracle_in"]  # different draws
+    first = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein"], tmp_path)["rows"][0]
+    assert first["replicate"] == 0 and first["oracle_in"] not in (rows[0]["oracle_in"], rows[1]["oracle_in"])
+
+
+def test_accuracy_replicate_summary_pools_the_draws(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import accuracy
+
+    def row(rep, auto, oracle, name="ssge"):
+        return dict(estimator=name, distribution="gmm", M=128, sigma=0.1, replicate=rep, default_in=2 * oracle,
+                    default_out=1.0, auto_in=auto, auto_out=1.0, oracle_in=oracle, oracle_out=1.0, oracle_out_best=1.0)
+
+    # one draw over 1.3x, the mean over the draws within: (1.6 + 1.0 + 1.0) / (1.0 + 1.0 + 1.0) = 1.2
+    rows = [row(0, 1.6, 1.0), row(1, 1.0, 1.0), row(2, 1.0, 1.0), row(0, 1.0, 1.0, "stein")]
+    text = accuracy.replicate_summary(rows)
+    assert "| ssge | 1 | 3 | 1.20x (1.20x) | 1 / 1 | 2 / 3 |" in text
+    assert "stein" not in text  # one draw only: not in the table over draws
+    single = accuracy.summary(rows)
+    assert "auto over 1.3x the in-sample oracle in 1 of 2 cases" in single  # replicate 0 only
+    rows.append(row(3, 3.0, 1.0))  # (1.6 + 1 + 1 + 3) / 4 = 1.65
+    assert "in 1 of 1 cases: ssge gmm M=128 sigma=0.1: 1.65x" in accuracy.replicate_summary(rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_spectral_oracle_equals_the_fits(dtype, monkeypatch):
     """The accuracy oracle's eigendecomposition path gives the estimators' own fits and predictions, for every
