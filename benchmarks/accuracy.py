@@ -134,9 +134,9 @@ def case_key(row) -> tuple:
 def summary(rows) -> str:
     """The single-draw table (replicate 0 of every case, ``single_draw_summary``) and, where cases have several
     draws, the table over draws (``replicate_summary``)."""
-    text = single_draw_summary([r for r in rows if replicate(r) == 0])
-    many = replicate_summary(rows)
-    return text + ("\n\n" + many if many else "")
+    first = [r for r in rows if replicate(r) == 0]
+    parts = [single_draw_summary(first) if first else "", replicate_summary(rows)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def replicate_summary(rows) -> str:

@@ -473,6 +473,23 @@ def test_exact_sure_needs_no_probes_or_refits(monkeypatch, name):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("name,d,refits", [("landweber", 3, False), ("landweber", 17, True), ("nu", 3, True),
+                                           ("ssge", 3, True)])
+def test_small_fresh_search_criterion_per_estimator(monkeypatch, name, d, refits):
+    # M <= LOO_MAX, fresh search: leave-one-out by refits, except Landweber where its exact SURE exists (d <= 16;
+    # measured on benchmarks/accuracy.py, see LandweberScoreEstimator.small_search_uses_exact_sure)
+    used = []
+    loo = autotune.loo_terms
+    monkeypatch.setattr(autotune, "loo_terms", lambda est, x: used.append("loo") or loo(est, x))
+    x = torch.randn(2, 24, d, dtype=torch.float64)
+    grid = dict(bandwidth_mults=(1.0,), knob_values=None)
+    tune(steinops.score_estimator(name, bandwidth="auto"), x, **grid)
+    assert bool(used) == refits
+    used.clear()
+    tune(steinops.score_estimator(name, bandwidth="auto"), x, criterion="loo", **grid)
+    assert used  # an explicit criterion is always honoured
+
+
 def test_hutchinson_sure_above_the_exact_dimension_limit():
     from steinops.estimators.spectral_sure import EXACT_SURE_MAX_D
     x = torch.randn(20, EXACT_SURE_MAX_D + 1, dtype=torch.float64)

@@ -81,6 +81,8 @@ def test_accuracy_replicate_summary_pools_the_draws(monkeypatch):
     assert "auto over 1.3x the in-sample oracle in 1 of 2 cases" in single  # replicate 0 only
     rows.append(row(3, 3.0, 1.0))  # (1.6 + 1 + 1 + 3) / 4 = 1.65
     assert "in 1 of 1 cases: ssge gmm M=128 sigma=0.1: 1.65x" in accuracy.replicate_summary(rows)
+    later = accuracy.summary([r for r in rows if r["replicate"] > 0])  # a continued run: no replicate 0
+    assert "in-sample oracle" not in later and "| ssge | 1 | 3 | 1.67x (1.67x) | 0 / 1 | 2 / 3 |" in later
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

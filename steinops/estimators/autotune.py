@@ -32,7 +32,8 @@ over ``repeats`` random partitions. Both estimate the *out-of-sample* error of f
 prefers smoother candidates than the in-sample error does.
 
 "auto" (the default): the closed form where there is one (also on warm starts); leave-one-out by refits on a
-fresh search with M <= ``LOO_MAX``; SURE otherwise (exact where there is the spectral trace). Measured on
+fresh search with M <= ``LOO_MAX`` (except for estimators with ``small_search_uses_exact_sure`` where their exact
+SURE exists: Landweber); SURE otherwise (exact where there is the spectral trace). Measured on
 ``benchmarks/accuracy.py`` (sigma = 0.1, the nine distributions, in-sample error over the in-sample oracle of
 the same grid). At M = 1024 with 8 Hutchinson probes, SURE was over 1.3x in 3 of the 27 SSGE / Landweber / nu
 cases; the SSGE on the 2-D gmm (1.56x) was probe noise (per probe, the standard deviation of the SURE gap
@@ -42,7 +43,10 @@ a candidate whose exact SURE ties the oracle's (differences of 0.001 and 0.9 wit
 and 1.2), and over 8 sample sets the mean of SURE minus the true in-sample objective was within 2.1 standard
 errors of 0 for each of the 6 candidates examined (no bias seen). At M = 128 the exact SURE's choice is noisier
 than leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma = 0.5, against 1 and 1), so small
-fresh searches keep leave-one-out.
+fresh searches keep leave-one-out -- except Landweber's: per estimator over 5 draws of the 9 cases at sigma = 0.1,
+auto's mean error over the oracles' mean was (geo-mean over cases) 1.07x with the exact SURE against 1.12x with
+leave-one-out for Landweber (41 against 38 of 45 draws within 1.3x; leave-one-out over-regularised it on the
+sphere in 4 of 5 draws, 1.44x on average), and 1.15x against 1.10x / 1.12x for nu / the SSGE (4 draws each).
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
 estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard
@@ -95,7 +99,7 @@ class AutoTune:
             (times the new median distance) and knob. For refits on fresh batches in a training loop.
         criterion, folds, repeats, holdout, se_rule, probes: as for ``tune`` (criterion "auto": the
             closed-form leave-one-out (= SURE) of the SGE / diagonal KEF, leave-one-out by refits on a fresh
-            search with M <= ``LOO_MAX``, else in-sample SURE: exact for the SSGE / Landweber / nu with a
+            search with M <= ``LOO_MAX`` (Landweber: its exact SURE where it has one), else in-sample SURE: exact for the SSGE / Landweber / nu with a
             diagonal kernel and d <= ``spectral_sure.EXACT_SURE_MAX_D``, else with ``probes`` Hutchinson probes; folds None: 4
             up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
             4 folds, else 1).
@@ -343,7 +347,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
             Hutchinson with ``probes`` probes), "loo" (exact leave-one-out: closed form for the SGE / diagonal
             KEF, else M batched refits per candidate), "kfold" (``folds`` held-out parts; a warm start uses
             one split), or "auto": the closed form where there is one, leave-one-out by refits on a fresh
-            search with M <= ``LOO_MAX``, else SURE (see the module).
+            search with M <= ``LOO_MAX`` (unless ``est.small_search_uses_exact_sure`` and the exact SURE
+            exists), else SURE (see the module).
         folds: number of disjoint held-out parts (default 4 for M <= 2048, else 1; 1 on a warm start).
         repeats: number of independent random K-fold partitions whose per-point terms are averaged
             (default ``KFOLD_REPEATS`` with 4 folds on a fresh search, else 1; see the module).
@@ -372,7 +377,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     exact = has_exact_sure_for(est, x)  # SURE without probes (closed form, or the spectral-filter trace)
     # "auto": the closed form where there is one; leave-one-out by refits on a small fresh search; else SURE
     # (exact where the estimator has it, else Hutchinson)
-    refit_loo = criterion == "auto" and not closed_form and not warm and M <= LOO_MAX
+    refit_loo = (criterion == "auto" and not closed_form and not warm and M <= LOO_MAX
+                 and not (getattr(est, "small_search_uses_exact_sure", False) and exact))
     use_loo = criterion == "loo" or refit_loo
     use_sure = criterion == "sure" or (criterion == "auto" and not refit_loo)
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds

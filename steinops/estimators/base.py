@@ -68,6 +68,10 @@ class ScoreEstimator:
 
     name = "base"
     knob: str | None = None
+    # bandwidth="auto" with the default criterion: a fresh search with M <= autotune.LOO_MAX scores candidates by
+    # leave-one-out by refits, unless this is True and the estimator has the exact in-sample SURE on the samples
+    # (measured per estimator on benchmarks/accuracy.py; see autotune's module docstring)
+    small_search_uses_exact_sure: bool = False
 
     def __init__(self, kernel="rbf", *, bandwidth="median", backend: str | None = None):
         self.kernel = get_kernel(kernel)

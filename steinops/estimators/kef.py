@@ -398,6 +398,10 @@ class LandweberScoreEstimator(_IterativeBase):
 
     DEFAULT_LAM = 3e-3
     LAM_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
+    # at M = 128 (sigma = 0.1, 9 distributions x 5 draws) leave-one-out by refits over-regularised Landweber
+    # (auto's mean error 1.12x the oracles' mean, the sphere 1.44x); the exact SURE gave 1.07x (the sphere 1.00x in
+    # every draw) and the 45 cases took 42 s instead of 1033 s
+    small_search_uses_exact_sure = True
 
     def __init__(self, kernel="rbf", *, bandwidth="median", lam="auto", n_iter=None, step=None, solver="auto",
                  curl_free=False, backend: str | None = None):
