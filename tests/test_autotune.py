@@ -225,6 +225,26 @@ def test_batched_refit_loo_equals_a_loop():
     torch.testing.assert_close(loo_terms(est, x), loop, rtol=1e-8, atol=1e-8)
 
 
+def test_ssge_loo_holds_the_full_fits_count():
+    # with eig_mass the refits keep each set's J of the fit on all its points (a threshold re-applied to M - 1
+    # points can move J): the same terms as a loop of refits with n_eigen = that J, per set
+    x = torch.randn(2, 13, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x * torch.tensor([[[1.0, 0.3]], [[0.5, 2.0]]], dtype=torch.float64)
+    h = torch.tensor([0.7, 2.5], dtype=torch.float64)
+    mass = torch.tensor([0.97, 0.9], dtype=torch.float64)
+    est = steinops.score_estimator("ssge", bandwidth=h, eig_mass=mass)
+    J = steinops.score_estimator("ssge", bandwidth=h, eig_mass=mass).fit(x).n_eigen_
+    assert J[0] != J[1]
+    loop = torch.stack([torch.stack([heldout_terms(
+        steinops.score_estimator("ssge", bandwidth=float(h[b]), n_eigen=int(J[b])).fit(torch.cat([x[b, :i], x[b, i + 1:]])),
+        x[b, i:i + 1])[0] for i in range(13)]) for b in range(2)])
+    torch.testing.assert_close(loo_terms(est, x), loop, rtol=1e-8, atol=1e-8)
+    assert not hasattr(est, "n_eigen_sets")  # the candidate itself is left as it was
+    rethreshold = steinops.score_estimator("ssge", bandwidth=h, eig_mass=mass)
+    rethreshold.loo_model = lambda x: rethreshold  # the threshold re-applied in every refit: J moves on this draw
+    assert (loo_terms(rethreshold, x) - loop).abs().max() > 1.0
+
+
 # measured (benchmarks/accuracy.py, M = 128, sigma = 0.1, seed 0): 4 folds picked 2.35x (nu, two_mode)
 # and 1.94x (ssge, spiral) the in-sample oracle; leave-one-out picked the oracle's candidate
 @pytest.mark.parametrize("name,data", [("nu", "two_mode"), ("ssge", "spiral")])

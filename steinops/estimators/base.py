@@ -181,6 +181,15 @@ class ScoreEstimator:
         """A fresh, unfitted copy with another bandwidth (...) and knob (...) (None: unchanged)."""
         return candidate(self, bandwidth, knob_value)
 
+    def loo_model(self, x: torch.Tensor) -> "ScoreEstimator":
+        """The model whose leave-one-out refits score this candidate on x (..., M, d) (``autotune.loo_terms``):
+        itself, unless a setting chosen from the data must be held at the full fit's value (the SSGE's J)."""
+        return self
+
+    def spread_sets(self, spread) -> None:
+        """Expand settings held per sample set (...) other than bandwidth and knob with ``spread`` ((...) ->
+        (..., n)) for n batched refits per set (``autotune.loo_terms``)."""
+
     # -- to implement -------------------------------------------------------------------------
     def _fit(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Centred samples (..., M, d) and bandwidth (...) -> in-sample scores (..., M, d)."""
