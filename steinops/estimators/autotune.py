@@ -49,7 +49,7 @@ than leave-one-out's (4 of 27 cases over 1.3x at sigma = 0.1 and 2 of 9 at sigma
 fresh searches keep leave-one-out -- except Landweber's: per estimator over 5 draws of the 9 cases at sigma = 0.1,
 auto's mean error over the oracles' mean was (geo-mean over cases) 1.07x with the exact SURE against 1.12x with
 leave-one-out for Landweber (41 against 38 of 45 draws within 1.3x; leave-one-out over-regularised it on the
-sphere in 4 of 5 draws, 1.44x on average), and 1.15x against 1.10x / 1.12x for nu / the SSGE (4 draws each).
+sphere in 4 of 5 draws, 1.44x on average), and 1.15x against 1.10x / 1.13x for nu / the SSGE (4 draws each).
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
 estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard
