@@ -359,3 +359,36 @@ def test_large_m_benchmark_runs_end_to_end(tmp_path):
             assert r["peak_bytes"] is None or r["peak_bytes"] > 0
         plain, piv = case["rows"][0], case["rows"][1]
         assert piv["iterations"] <= plain["iterations"] and piv["setup_s"] > 0
+
+
+@pytest.mark.parametrize("name,M,draws", [("stein", 60, 3), ("landweber", 40, 1)])  # Landweber's 31 fits: ~1000 steps each
+def test_selection_rules_anchor_rule_is_autos_choice(name, M, draws, monkeypatch):
+    """The offline "anchor 1" rule of selection_rules.py, on the criterion terms it computes, picks the candidate
+    that ``bandwidth="auto"`` picks (the SGE's closed form; Landweber's exact SURE at small M): the study
+    evaluates auto itself, not a re-implementation that could drift."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import selection_rules
+    import steinops
+    from steinops.distributions import get_distribution
+    from steinops.estimators.autotune import tune
+    dist = get_distribution("eight_gaussians")
+    for seed in range(draws):
+        x = dist.sample(M, 0.3, generator=torch.Generator().manual_seed(seed)).double()
+        T, err, s2 = selection_rules.score_draw(name, x, dist.score(x, 0.3))
+        assert T.shape == (len(err), M) and torch.isfinite(T).all() and s2 > 0
+        cands = selection_rules.candidate_grid(steinops.score_estimator(name), M)
+        mult, knob = cands[selection_rules.rule_anchor(T, cands, 1.0)]
+        est = steinops.score_estimator(name, bandwidth="auto")
+        chosen = tune(est, x)
+        assert float(chosen["bandwidth_mult"]) == pytest.approx(mult) and float(chosen[est.knob]) == pytest.approx(knob)
+
+
+def test_selection_rules_quick(tmp_path):
+    data = _run(["benchmarks/selection_rules.py", "--quick"], tmp_path)
+    rules = data["rules"]
+    assert set(rules) == set(["anchor 1 (auto)", "anchor 2", "argmin", "smoothest within 1 SE", "smoothest within 0.5 SE",
+                              "penalised 1", "penalised 2"])
+    for r in rules.values():
+        assert r["geo"] >= 1.0 - 1e-12 and r["draws"] == 3  # no rule beats the per-draw oracle
+    (case,) = data["calibration"].values()
+    assert case["largest"] >= case["median"] > 0

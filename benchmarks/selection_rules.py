@@ -1,0 +1,193 @@
+"""How auto's selection rule turns a noisy criterion into a choice, and how noisy the criterion is.
+
+For every (distribution, M, sigma, draw) it scores each candidate of ``bandwidth="auto"``'s grid (the default,
+then bandwidth multiples x the knob grid) by the in-sample SURE terms auto uses for estimators with an exact
+criterion (the closed-form leave-one-out of the SGE / diagonal KEF, the exact spectral trace of the SSGE / Landweber
+/ nu with d <= 16), and by its in-sample relative Fisher error against the exact score. Then, offline:
+
+1. Selection rules on the same criterion terms, per case: auto's mean error over the draws / the mean of the
+   per-draw oracles (the best candidate by the true error), cases over 1.3x, single draws within 1.3x:
+   - ``anchor k``: the argmin replaces the default only when it wins by more than k paired standard errors
+     (k = 1 is what auto does for the SGE / KEF always, for Landweber always and for the SSGE / nu at M > 128,
+     where they have the exact SURE; the SSGE / nu use leave-one-out by refits at M <= 128);
+   - ``argmin``: the plain argmin;
+   - ``smoothest within k SE``: among the candidates within k paired standard errors of the argmin, the one with
+     the largest bandwidth, then the largest regulariser (Breiman's one-standard-error rule);
+   - ``penalised k``: argmin of mean + k x the candidate's paired standard error against the default.
+2. The criterion's calibration: per candidate, the criterion's error in the difference to the default,
+   ``(crit_c - crit_0) - (true_c - true_0)`` with ``true = 1/2 E|g - s|^2 - 1/2 E|s|^2`` over the samples; its
+   standard deviation over the draws divided by the mean per-point paired standard error (what the anchor rule
+   uses). A ratio above 1 means the per-point standard error understates the draw-to-draw noise (the terms of one
+   fit are not independent).
+
+    python benchmarks/selection_rules.py --estimator stein --samples 128 1024 --draws 5
+    python benchmarks/selection_rules.py --quick
+
+Prints tables and writes JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import steinops
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import steinops
+from steinops.bandwidth import MEDIAN_FACTOR, median_distance
+from steinops.distributions import get_distribution
+from steinops.estimators import autotune
+
+import spectral_oracle  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+
+DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
+                 "sphere"]
+
+
+def candidate_grid(est, M):
+    """(bandwidth multiple, knob value) pairs in ``autotune.tune``'s order: the default first."""
+    return [(MEDIAN_FACTOR, est.knob_default(M))] + list(itertools.product(autotune.BANDWIDTH_MULTS, est.knob_grid(M)))
+
+
+def score_draw(name, x, sx):
+    """Criterion terms (C, M) and true in-sample errors (C,) of every candidate on one draw, and mean |s|^2."""
+    est = steinops.score_estimator(name, bandwidth="auto")
+    if not autotune.has_exact_sure_for(est, x):
+        raise ValueError(f"{name} has no exact criterion on d = {x.shape[-1]}")
+    med = median_distance(x)
+    terms, errors, cache, bases = [], [], {}, {}
+    with torch.no_grad():
+        for mult, val in candidate_grid(est, x.shape[-2]):
+            c = est.candidate(torch.tensor(mult, dtype=x.dtype) * med, torch.tensor(val, dtype=x.dtype))
+            terms.append(autotune.sure_terms(c, x, None, cache=cache))
+            if spectral_oracle.applies(name, {}):  # the fit's own numbers from one eigh per bandwidth (tested)
+                if mult not in bases:
+                    bases[mult] = spectral_oracle.SpectralBasis(x, x[:1], mult, est.kernel)
+                g = bases[mult].scores(steinops.score_estimator(name, bandwidth=float(mult * med), **{est.knob: val}))[0]
+            else:
+                g = c.fit(x).scores_
+            errors.append(float(((g - sx) ** 2).sum() / (sx ** 2).sum()))
+    return torch.stack(terms), torch.tensor(errors, dtype=torch.float64), float((sx ** 2).sum(-1).mean())
+
+
+def paired_se(d: torch.Tensor) -> float:
+    return float(d.std() / math.sqrt(d.shape[-1] - 1))
+
+
+def rule_anchor(T, cands, k):
+    best = int(T.mean(-1).argmin())
+    d = T[best] - T[0]
+    return best if float(d.mean()) < -k * paired_se(d) else 0
+
+
+def rule_argmin(T, cands, k):
+    return int(T.mean(-1).argmin())
+
+
+def rule_smoothest(T, cands, k):
+    best = int(T.mean(-1).argmin())
+    near = [c for c in range(T.shape[0]) if float((T[c] - T[best]).mean()) <= k * paired_se(T[c] - T[best])]
+    return max(near, key=lambda c: cands[c])  # largest bandwidth multiple, then largest regulariser
+
+
+def rule_penalised(T, cands, k):
+    se = torch.tensor([paired_se(T[c] - T[0]) if c else 0.0 for c in range(T.shape[0])], dtype=T.dtype)
+    return int((T.mean(-1) + k * se).argmin())
+
+
+RULES = {"anchor 1 (auto)": (rule_anchor, 1.0), "anchor 2": (rule_anchor, 2.0), "argmin": (rule_argmin, 0.0),
+         "smoothest within 1 SE": (rule_smoothest, 1.0), "smoothest within 0.5 SE": (rule_smoothest, 0.5),
+         "penalised 1": (rule_penalised, 1.0), "penalised 2": (rule_penalised, 2.0)}
+
+
+def evaluate_rules(draws_by_case):
+    """{rule: dict(geo, worst, over, draws_ok, draws, misses)} over cases {key: [draw dicts with T, err, cands]}."""
+    out = {}
+    for rule, (fn, k) in RULES.items():
+        ratios, ok, n, misses = [], 0, 0, []
+        for key, draws in draws_by_case.items():
+            picked = [float(dr["err"][fn(dr["T"], dr["cands"], k)]) for dr in draws]
+            oracle = [float(dr["err"].min()) for dr in draws]
+            ratio = sum(picked) / sum(oracle)
+            ratios.append(ratio)
+            ok += sum(p <= 1.3 * o for p, o in zip(picked, oracle))
+            n += len(draws)
+            if ratio > 1.3:
+                misses.append(f"{key[0]} M={key[1]} sigma={key[2]}: {ratio:.2f}x")
+        out[rule] = dict(geo=statistics.geometric_mean(ratios), worst=max(ratios), over=len(misses),
+                         cases=len(ratios), draws_ok=ok, draws=n, misses=misses)
+    return out
+
+
+def calibration(draws):
+    """Per candidate c != 0 of one case: sd over draws of the criterion's error in (c - default), over the mean
+    per-point paired standard error; returns the median over candidates and the largest, and that candidate."""
+    ratios = []
+    for c in range(1, draws[0]["T"].shape[0]):
+        errs = [float((dr["T"][c] - dr["T"][0]).mean()) - 0.5 * (float(dr["err"][c]) - float(dr["err"][0])) * dr["s2"]
+                for dr in draws]
+        se = statistics.mean(paired_se(dr["T"][c] - dr["T"][0]) for dr in draws)
+        if se > 0:
+            ratios.append((statistics.stdev(errs) / se, c))
+    ratios.sort()
+    return dict(median=ratios[len(ratios) // 2][0], largest=ratios[-1][0], largest_at=list(draws[0]["cands"][ratios[-1][1]]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--estimator", default="stein", help="an estimator with an exact criterion: stein, kef, ssge, landweber, nu")
+    p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
+    p.add_argument("--samples", type=int, nargs="+", default=[128, 1024], help="sample sizes M")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1])
+    p.add_argument("--draws", type=int, default=5, help="independent draws per case (seeds 0 .. draws - 1, as accuracy.py)")
+    p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48, sigma = 0.5, 3 draws")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "selection-rules.json"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.distributions, a.samples, a.sigmas, a.draws = ["two_mode"], [48], [0.5], 3
+    if a.draws < 2:
+        p.error("--draws must be at least 2")
+    t0 = time.time()
+    cases = {}
+    from tqdm import tqdm
+    grid = list(itertools.product(a.distributions, a.samples, a.sigmas))
+    for dname, M, sigma in tqdm(grid, desc="cases"):
+        dist = get_distribution(dname)
+        draws = []
+        for seed in range(a.draws):
+            x = dist.sample(M, sigma, generator=torch.Generator().manual_seed(seed)).double()  # accuracy.py's draw
+            T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma))
+            draws.append(dict(T=T, err=err, s2=s2, cands=candidate_grid(steinops.score_estimator(a.estimator), M)))
+        cases[(dname, M, sigma)] = draws
+    rules = evaluate_rules(cases)
+    calib = {f"{k[0]} M={k[1]} sigma={k[2]}": calibration(v) for k, v in cases.items()}
+    print(f"{a.estimator}: {len(cases)} cases x {a.draws} draws; auto mean / oracle mean over the draws")
+    print("| rule | geo-mean | worst | cases over 1.3x | draws within 1.3x | which |\n|---|---|---|---|---|---|")
+    for rule, r in rules.items():
+        print(f"| {rule} | {r['geo']:.3f}x | {r['worst']:.2f}x | {r['over']} / {r['cases']} | {r['draws_ok']} / {r['draws']} | "
+              f"{'; '.join(r['misses']) or '-'} |")
+    print("\ncriterion calibration: sd over draws of its error in (candidate - default) / mean per-point paired SE")
+    print("| case | median over candidates | largest | at (bandwidth multiple, knob) |\n|---|---|---|---|")
+    for case, c in calib.items():
+        print(f"| {case} | {c['median']:.2f} | {c['largest']:.2f} | {tuple(c['largest_at'])} |")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(settings=vars(a), rules=rules, calibration=calib, seconds=time.time() - t0,
+                                   machine=platform.processor() or platform.machine(), torch=torch.__version__), indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
