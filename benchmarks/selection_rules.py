@@ -149,7 +149,8 @@ def main(argv=None):
     p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
     p.add_argument("--samples", type=int, nargs="+", default=[128, 1024], help="sample sizes M")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1])
-    p.add_argument("--draws", type=int, default=5, help="independent draws per case (seeds 0 .. draws - 1, as accuracy.py)")
+    p.add_argument("--draws", type=int, default=5, help="independent draws per case (seeds first-draw + 0 .. draws - 1, as accuracy.py)")
+    p.add_argument("--first-draw", type=int, default=0, help="seed of the first draw (fresh draws to validate a rule chosen on others)")
     p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48, sigma = 0.5, 3 draws")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "selection-rules.json"))
     a = p.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv=None):
     for dname, M, sigma in tqdm(grid, desc="cases"):
         dist = get_distribution(dname)
         draws = []
-        for seed in range(a.draws):
+        for seed in range(a.first_draw, a.first_draw + a.draws):
             x = dist.sample(M, sigma, generator=torch.Generator().manual_seed(seed)).double()  # accuracy.py's draw
             T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma))
             draws.append(dict(T=T, err=err, s2=s2, cands=candidate_grid(steinops.score_estimator(a.estimator), M)))
