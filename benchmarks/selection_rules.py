@@ -44,7 +44,7 @@ try:
 except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import steinops
-from steinops.bandwidth import MEDIAN_FACTOR, median_distance
+from steinops.bandwidth import median_distance
 from steinops.distributions import get_distribution
 from steinops.estimators import autotune
 
@@ -52,11 +52,6 @@ import spectral_oracle  # noqa: E402  (benchmarks/ is on sys.path when this file
 
 DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
                  "sphere"]
-
-
-def candidate_grid(est, M):
-    """(bandwidth multiple, knob value) pairs in ``autotune.tune``'s order: the default first."""
-    return [(MEDIAN_FACTOR, est.knob_default(M))] + list(itertools.product(autotune.BANDWIDTH_MULTS, est.knob_grid(M)))
 
 
 def score_draw(name, x, sx):
@@ -67,7 +62,7 @@ def score_draw(name, x, sx):
     med = median_distance(x)
     terms, errors, cache, bases = [], [], {}, {}
     with torch.no_grad():
-        for mult, val in candidate_grid(est, x.shape[-2]):
+        for mult, val in autotune.fresh_grid(est, x.shape[-2]):
             c = est.candidate(torch.tensor(mult, dtype=x.dtype) * med, torch.tensor(val, dtype=x.dtype))
             terms.append(autotune.sure_terms(c, x, None, cache=cache))
             if spectral_oracle.applies(name, {}):  # the fit's own numbers from one eigh per bandwidth (tested)
@@ -85,9 +80,7 @@ def paired_se(d: torch.Tensor) -> float:
 
 
 def rule_anchor(T, cands, k):
-    best = int(T.mean(-1).argmin())
-    d = T[best] - T[0]
-    return best if float(d.mean()) < -k * paired_se(d) else 0
+    return int(autotune.anchor_choice(T, k))  # auto's own rule
 
 
 def rule_argmin(T, cands, k):
@@ -164,11 +157,11 @@ def main(argv=None):
     grid = list(itertools.product(a.distributions, a.samples, a.sigmas))
     for dname, M, sigma in tqdm(grid, desc="cases"):
         dist = get_distribution(dname)
-        draws = []
+        draws, cands = [], autotune.fresh_grid(steinops.score_estimator(a.estimator, bandwidth="auto"), M)
         for seed in range(a.first_draw, a.first_draw + a.draws):
             x = dist.sample(M, sigma, generator=torch.Generator().manual_seed(seed)).double()  # accuracy.py's draw
             T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma))
-            draws.append(dict(T=T, err=err, s2=s2, cands=candidate_grid(steinops.score_estimator(a.estimator), M)))
+            draws.append(dict(T=T, err=err, s2=s2, cands=cands))
         cases[(dname, M, sigma)] = draws
     rules = evaluate_rules(cases)
     calib = {f"{k[0]} M={k[1]} sigma={k[2]}": calibration(v) for k, v in cases.items()}

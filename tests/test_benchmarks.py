@@ -370,13 +370,14 @@ def test_selection_rules_anchor_rule_is_autos_choice(name, M, draws, monkeypatch
     import selection_rules
     import steinops
     from steinops.distributions import get_distribution
+    from steinops.estimators import autotune
     from steinops.estimators.autotune import tune
     dist = get_distribution("eight_gaussians")
     for seed in range(draws):
         x = dist.sample(M, 0.3, generator=torch.Generator().manual_seed(seed)).double()
         T, err, s2 = selection_rules.score_draw(name, x, dist.score(x, 0.3))
         assert T.shape == (len(err), M) and torch.isfinite(T).all() and s2 > 0
-        cands = selection_rules.candidate_grid(steinops.score_estimator(name), M)
+        cands = autotune.fresh_grid(steinops.score_estimator(name, bandwidth="auto"), M)
         mult, knob = cands[selection_rules.rule_anchor(T, cands, 1.0)]
         est = steinops.score_estimator(name, bandwidth="auto")
         chosen = tune(est, x)

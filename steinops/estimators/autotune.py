@@ -211,7 +211,7 @@ def loo_terms(est, x: torch.Tensor) -> torch.Tensor:
     entries at a time."""
     if has_closed_form_loo(est, x):
         return est.closed_form_loo(x.detach())
-    est = est.loo_model(x) if hasattr(est, "loo_model") else est  # e.g. the SSGE's J held at the full fit's
+    est = est.loo_model(x)  # e.g. the SSGE's J held at the full fit's
     batch, M = x.shape[:-2], x.shape[-2]
     others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, M)]) for i in range(M)]).to(x.device)
     per_set = max(1, math.prod(batch)) * (M - 1) ** 2
@@ -223,8 +223,7 @@ def loo_terms(est, x: torch.Tensor) -> torch.Tensor:
         n = rows.numel()
         spread = lambda t: t[..., None].expand(*batch, n)  # noqa: E731  (...) -> (..., n): one per left-out set
         c = est.candidate(spread(est.bandwidth), spread(getattr(est, knob)) if knob else None)
-        if hasattr(c, "spread_sets"):
-            c.spread_sets(spread)
+        c.spread_sets(spread)
         fitted = c.fit(x.detach()[..., others[rows], :])  # (..., n, M - 1, d)
         out.append(heldout_terms(fitted, x.detach()[..., rows, None, :])[..., 0])  # (..., n)
     return torch.cat(out, -1)
@@ -337,6 +336,30 @@ def _neighbours(grid, value):
     return [g[(idx + off).clamp(0, len(grid) - 1)] for off in (-1, 0, 1)]
 
 
+def fresh_grid(est, M: int, bandwidth_mults=BANDWIDTH_MULTS, knob_values=None) -> list[tuple[float, float | None]]:
+    """The candidates of a fresh search, (bandwidth multiple, knob value or None), the anchor (the estimator's
+    default) first, then ``bandwidth_mults`` x the knob's grid (``knob_values`` overrides ``est.knob_grid(M)``)."""
+    knob = est.knob_is_auto()
+    values = tuple(knob_values) if knob_values is not None else (est.knob_grid(M) if knob else (None,))
+    return [(MEDIAN_FACTOR, est.knob_default(M) if knob else None)] + list(itertools.product(bandwidth_mults, values))
+
+
+def anchor_choice(terms: torch.Tensor, se_rule: float) -> torch.Tensor:
+    """The anchor rule on per-point criterion terms (C, ..., n) of C candidates, the anchor first: the index (...)
+    of the candidate with the least mean where it beats the anchor by more than ``se_rule`` paired standard
+    errors, else 0 (and never a non-finite anchor)."""
+    means = terms.mean(-1)  # (C, ...)
+    best = means.argmin(0)  # (...)
+    best_terms = torch.gather(terms, 0, best[None, ..., None].expand(1, *terms.shape[1:]))[0]
+    diff = best_terms - terms[0]
+    n = diff.shape[-1]
+    se = diff.std(-1) / math.sqrt(max(1, n - 1)) if n > 1 else torch.zeros_like(diff[..., 0])
+    gain = diff.mean(-1)
+    take = torch.isfinite(gain) & (gain < -se_rule * se)
+    take = take | ~torch.isfinite(means[0])  # a broken anchor (e.g. NaN fit) never wins
+    return torch.where(take, best, torch.zeros_like(best))
+
+
 def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = None, repeats: int | None = None,
          bandwidth_mults=BANDWIDTH_MULTS, knob_values=None, previous: dict | None = None,
          se_rule: float | None = None, criterion: str = "auto", probes: int | None = None,
@@ -384,7 +407,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     # "auto": the closed form where there is one; leave-one-out by refits on a small fresh search; else SURE
     # (exact where the estimator has it, else Hutchinson)
     refit_loo = (criterion == "auto" and not closed_form and not warm and M <= LOO_MAX
-                 and not (getattr(est, "small_search_uses_exact_sure", False) and exact))
+                 and not (est.small_search_uses_exact_sure and exact))
     use_loo = criterion == "loo" or refit_loo
     use_sure = criterion == "sure" or (criterion == "auto" and not refit_loo)
     folds = (1 if warm else 4 if M <= 2048 else 1) if folds is None else folds
@@ -401,9 +424,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         cands = [(previous["bandwidth_mult"], previous[knob] if knob else None)]
         cands += [(previous["bandwidth_mult"] * s, k) for s, k in itertools.product(WARM_BANDWIDTH_STEPS, knob_sets)]
     else:
-        values = tuple(knob_values) if knob_values is not None else (est.knob_grid(M) if knob else (None,))
-        cands = [(full(MEDIAN_FACTOR), full(est.knob_default(M)) if knob else None)]
-        cands += [(full(m), None if v is None else full(v)) for m, v in itertools.product(bandwidth_mults, values)]
+        cands = [(full(m), None if v is None else full(v)) for m, v in fresh_grid(est, M, bandwidth_mults, knob_values)]
 
     terms, sure_cache = [], {}  # candidates come grouped by bandwidth: the exact trace shares one eigh per group
     for mult, val in cands:
@@ -419,17 +440,9 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         terms.append(torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf"))))
     terms = torch.stack(terms)  # (C, ..., n)
     means = terms.mean(-1)  # (C, ...)
-    best = means.argmin(0)  # (...)
-    best_terms = torch.gather(terms, 0, best[None, ..., None].expand(1, *terms.shape[1:]))[0]
-    diff = best_terms - terms[0]
-    n = diff.shape[-1]
-    se = diff.std(-1) / math.sqrt(max(1, n - 1)) if n > 1 else torch.zeros_like(diff[..., 0])
-    gain = diff.mean(-1)
     if se_rule is None:  # the anchor rule; plain argmin for leave-one-out by refits (module docstring)
         se_rule = SE_RULE if closed_form or partitions is not None else LOO_SE_RULE if use_loo else SURE_SE_RULE
-    take = torch.isfinite(gain) & (gain < -se_rule * se)
-    take = take | ~torch.isfinite(means[0])  # a broken anchor (e.g. NaN fit) never wins
-    chosen = torch.where(take, best, torch.zeros_like(best))
+    chosen = anchor_choice(terms, se_rule)
 
     def pick(stack):
         return torch.gather(stack, 0, chosen[None])[0]

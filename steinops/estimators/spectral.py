@@ -144,11 +144,9 @@ class SpectralScoreEstimator(ScoreEstimator):
         lmax = lam[..., :1].clamp_min(0)
         valid = lam > M * (torch.finfo(lam.dtype).eps if eps is None else eps) * lmax
         counts = getattr(self, "n_eigen_sets", None)  # per set, held by loo_model
-        if counts is not None:
-            return valid & (torch.arange(M, device=lam.device) < counts[..., None])
-        if self.n_eigen is not None:
-            idx = torch.arange(M, device=lam.device)
-            return valid & (idx < self.n_eigen)
+        if counts is not None or self.n_eigen is not None:
+            limit = counts[..., None] if counts is not None else self.n_eigen
+            return valid & (torch.arange(M, device=lam.device) < limit)
         pos = lam.clamp_min(0)
         cum_before = torch.cumsum(pos, -1) - pos  # mass of the eigenpairs before j
         total = pos.sum(-1, keepdim=True)
@@ -163,9 +161,10 @@ class SpectralScoreEstimator(ScoreEstimator):
         its leave-one-out is -0.357, the true in-sample objective -0.327."""
         if self.n_eigen is not None or getattr(self, "n_eigen_sets", None) is not None:
             return self
-        model = self.candidate(self.bandwidth, None)
         with torch.no_grad():
-            model.n_eigen_sets = self.candidate(self.bandwidth, None).fit(x.detach()).n_eigen_
+            counts = self.candidate(self.bandwidth, None).fit(x.detach()).n_eigen_
+        model = self.candidate(self.bandwidth, None)
+        model.n_eigen_sets = counts
         return model
 
     def spread_sets(self, spread):
