@@ -8,7 +8,7 @@ criterion (the closed-form leave-one-out of the SGE / diagonal KEF, the exact sp
 1. Selection rules on the same criterion terms, per case: auto's mean error over the draws / the mean of the
    per-draw oracles (the best candidate by the true error), cases over 1.3x, single draws within 1.3x:
    - ``anchor k``: the argmin replaces the default only when it wins by more than k paired standard errors
-     (k = 1 is what auto does for the SGE / KEF always, for Landweber always and for the SSGE / nu at M > 128,
+     (k = 1 is what auto does for the SGE / KEF always, for Landweber wherever it has the exact SURE, and for the SSGE / nu at M > 128,
      where they have the exact SURE; the SSGE / nu use leave-one-out by refits at M <= 128);
    - ``argmin``: the plain argmin;
    - ``smoothest within k SE``: among the candidates within k paired standard errors of the argmin, the one with
