@@ -1,26 +1,35 @@
 """How auto's selection rule turns a noisy criterion into a choice, and how noisy the criterion is.
 
 For every (distribution, M, sigma, draw) it scores each candidate of ``bandwidth="auto"``'s grid (the default,
-then bandwidth multiples x the knob grid) by the in-sample SURE terms auto uses for estimators with an exact
-criterion (the closed-form leave-one-out of the SGE / diagonal KEF, the exact spectral trace of the SSGE / Landweber
-/ nu with d <= 16), and by its in-sample relative Fisher error against the exact score. Then, offline:
+then bandwidth multiples x the knob grid) by auto's per-point criterion terms, and by its in-sample relative
+Fisher error against the exact score. The criterion (``--criterion``):
+- ``sure``: the in-sample SURE terms auto uses for estimators with an exact criterion (the closed-form
+  leave-one-out of the SGE / diagonal KEF, the exact spectral trace of the SSGE / Landweber / nu with d <= 16);
+- ``loo``: leave-one-out by refits (``autotune.loo_terms``), what auto uses for the SSGE / nu on a fresh search
+  with M <= ``autotune.LOO_MAX``.
+Then, offline:
 
 1. Selection rules on the same criterion terms, per case: auto's mean error over the draws / the mean of the
-   per-draw oracles (the best candidate by the true error), cases over 1.3x, single draws within 1.3x:
-   - ``anchor k``: the argmin replaces the default only when it wins by more than k paired standard errors
-     (k = 1 is what auto does for the SGE / KEF always, for Landweber wherever it has the exact SURE, and for the SSGE / nu at M > 128,
-     where they have the exact SURE; the SSGE / nu use leave-one-out by refits at M <= 128);
+   per-draw oracles (the best candidate by the true error), cases over 1.3x, single draws within 1.3x
+   ("(auto)" marks auto's own rule for the criterion: anchor 1 with SURE, argmin with leave-one-out):
+   - ``anchor k``: the argmin replaces the default only when it wins by more than k paired standard errors;
    - ``argmin``: the plain argmin;
+   - ``anchor k, nearest tie`` / ``argmin, nearest tie``: as ``anchor k`` / ``argmin``, but where the argmin is
+     taken, the candidates within 1 paired standard error of it tie, and the tie goes to the candidate nearest the
+     anchor on the grid (ranks of bandwidth multiple and knob) -- shrinkage towards the default where the
+     criterion cannot tell candidates apart;
    - ``smoothest within k SE``: among the candidates within k paired standard errors of the argmin, the one with
      the largest bandwidth, then the largest regulariser (Breiman's one-standard-error rule);
    - ``penalised k``: argmin of mean + k x the candidate's paired standard error against the default.
 2. The criterion's calibration: per candidate, the criterion's error in the difference to the default,
-   ``(crit_c - crit_0) - (true_c - true_0)`` with ``true = 1/2 E|g - s|^2 - 1/2 E|s|^2`` over the samples; its
-   standard deviation over the draws divided by the mean per-point paired standard error (what the anchor rule
-   uses). A ratio above 1 means the per-point standard error understates the draw-to-draw noise (the terms of one
-   fit are not independent).
+   ``(crit_c - crit_0) - (true_c - true_0)`` with ``true = 1/2 E|g - s|^2 - 1/2 E|s|^2`` over the samples (for
+   leave-one-out an estimate of the out-of-sample error of fits on M - 1 points, measured against the in-sample
+   one: the difference is part of what it gets wrong here); its standard deviation over the draws divided by the
+   mean per-point paired standard error (what the anchor rule uses). A ratio above 1 means the per-point standard
+   error understates the draw-to-draw noise (the terms of one fit are not independent).
 
     python benchmarks/selection_rules.py --estimator stein --samples 128 1024 --draws 5
+    python benchmarks/selection_rules.py --estimator ssge --criterion loo --samples 128 --draws 10
     python benchmarks/selection_rules.py --quick
 
 Prints tables and writes JSON (``--out``).
@@ -54,17 +63,22 @@ DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons"
                  "sphere"]
 
 
-def score_draw(name, x, sx):
+CRITERIA = ("sure", "loo")
+
+
+def score_draw(name, x, sx, criterion="sure"):
     """Criterion terms (C, M) and true in-sample errors (C,) of every candidate on one draw, and mean |s|^2."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     est = steinops.score_estimator(name, bandwidth="auto")
-    if not autotune.has_exact_sure_for(est, x):
+    if criterion == "sure" and not autotune.has_exact_sure_for(est, x):
         raise ValueError(f"{name} has no exact criterion on d = {x.shape[-1]}")
     med = median_distance(x)
     terms, errors, cache, bases = [], [], {}, {}
     with torch.no_grad():
         for mult, val in autotune.fresh_grid(est, x.shape[-2]):
             c = est.candidate(torch.tensor(mult, dtype=x.dtype) * med, torch.tensor(val, dtype=x.dtype))
-            terms.append(autotune.sure_terms(c, x, None, cache=cache))
+            terms.append(autotune.sure_terms(c, x, None, cache=cache) if criterion == "sure" else autotune.loo_terms(c, x))
             if spectral_oracle.applies(name, {}):  # the fit's own numbers from one eigh per bandwidth (tested)
                 if mult not in bases:
                     bases[mult] = spectral_oracle.SpectralBasis(x, x[:1], mult, est.kernel)
@@ -80,7 +94,20 @@ def paired_se(d: torch.Tensor) -> float:
 
 
 def rule_anchor(T, cands, k):
-    return int(autotune.anchor_choice(T, k))  # auto's own rule
+    return int(autotune.anchor_choice(T, k))  # the anchor, or the argmin where it wins by more than k SE
+
+
+def rule_anchor_nearest(T, cands, k):
+    """The anchor rule, then a tie-break: the candidates within 1 paired SE of the argmin tie, and the tie goes to
+    the one nearest the anchor on the grid (L1 distance of the ranks of bandwidth multiple and knob; then the
+    least mean)."""
+    if rule_anchor(T, cands, k) == 0:
+        return 0
+    best = int(T.mean(-1).argmin())
+    ranks = [{v: i for i, v in enumerate(sorted({c[a] for c in cands}))} for a in (0, 1)]
+    dist = lambda c: sum(abs(ranks[a][cands[c][a]] - ranks[a][cands[0][a]]) for a in (0, 1))  # noqa: E731
+    tied = [c for c in range(T.shape[0]) if float((T[c] - T[best]).mean()) <= paired_se(T[c] - T[best])]
+    return min(tied, key=lambda c: (dist(c), float(T[c].mean())))
 
 
 def rule_argmin(T, cands, k):
@@ -98,15 +125,22 @@ def rule_penalised(T, cands, k):
     return int((T.mean(-1) + k * se).argmin())
 
 
-RULES = {"anchor 1 (auto)": (rule_anchor, 1.0), "anchor 2": (rule_anchor, 2.0), "argmin": (rule_argmin, 0.0),
-         "smoothest within 1 SE": (rule_smoothest, 1.0), "smoothest within 0.5 SE": (rule_smoothest, 0.5),
-         "penalised 1": (rule_penalised, 1.0), "penalised 2": (rule_penalised, 2.0)}
+def rules_for(criterion="sure"):
+    """{label: (rule, k)}; "(auto)" marks auto's rule for the criterion (``autotune.SURE_SE_RULE`` = 1 paired SE
+    with SURE, ``autotune.LOO_SE_RULE`` = 0, the plain argmin, with leave-one-out by refits)."""
+    auto_k = autotune.SURE_SE_RULE if criterion == "sure" else autotune.LOO_SE_RULE
+    rules = {"anchor 1": (rule_anchor, 1.0), "anchor 2": (rule_anchor, 2.0), "argmin": (rule_argmin, 0.0),
+             "anchor 1, nearest tie": (rule_anchor_nearest, 1.0), "argmin, nearest tie": (rule_anchor_nearest, 0.0),
+             "smoothest within 1 SE": (rule_smoothest, 1.0), "smoothest within 0.5 SE": (rule_smoothest, 0.5),
+             "penalised 1": (rule_penalised, 1.0), "penalised 2": (rule_penalised, 2.0)}
+    auto = "argmin" if auto_k == 0 else f"anchor {auto_k:g}"
+    return {(f"{label} (auto)" if label == auto else label): rule for label, rule in rules.items()}
 
 
-def evaluate_rules(draws_by_case):
+def evaluate_rules(draws_by_case, criterion="sure"):
     """{rule: dict(geo, worst, over, draws_ok, draws, misses)} over cases {key: [draw dicts with T, err, cands]}."""
     out = {}
-    for rule, (fn, k) in RULES.items():
+    for rule, (fn, k) in rules_for(criterion).items():
         ratios, ok, n, misses = [], 0, 0, []
         for key, draws in draws_by_case.items():
             picked = [float(dr["err"][fn(dr["T"], dr["cands"], k)]) for dr in draws]
@@ -139,6 +173,8 @@ def calibration(draws):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--estimator", default="stein", help="an estimator with an exact criterion: stein, kef, ssge, landweber, nu")
+    p.add_argument("--criterion", choices=CRITERIA, default="sure",
+                   help="sure: the exact in-sample SURE (closed form / spectral trace); loo: leave-one-out by refits")
     p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
     p.add_argument("--samples", type=int, nargs="+", default=[128, 1024], help="sample sizes M")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1])
@@ -160,12 +196,12 @@ def main(argv=None):
         draws, cands = [], autotune.fresh_grid(steinops.score_estimator(a.estimator, bandwidth="auto"), M)
         for seed in range(a.first_draw, a.first_draw + a.draws):
             x = dist.sample(M, sigma, generator=torch.Generator().manual_seed(seed)).double()  # accuracy.py's draw
-            T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma))
+            T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma), a.criterion)
             draws.append(dict(T=T, err=err, s2=s2, cands=cands))
         cases[(dname, M, sigma)] = draws
-    rules = evaluate_rules(cases)
+    rules = evaluate_rules(cases, a.criterion)
     calib = {f"{k[0]} M={k[1]} sigma={k[2]}": calibration(v) for k, v in cases.items()}
-    print(f"{a.estimator}: {len(cases)} cases x {a.draws} draws; auto mean / oracle mean over the draws")
+    print(f"{a.estimator}, criterion {a.criterion}: {len(cases)} cases x {a.draws} draws; auto mean / oracle mean over the draws")
     print("| rule | geo-mean | worst | cases over 1.3x | draws within 1.3x | which |\n|---|---|---|---|---|---|")
     for rule, r in rules.items():
         print(f"| {rule} | {r['geo']:.3f}x | {r['worst']:.2f}x | {r['over']} / {r['cases']} | {r['draws_ok']} / {r['draws']} | "

@@ -361,11 +361,12 @@ def test_large_m_benchmark_runs_end_to_end(tmp_path):
         assert piv["iterations"] <= plain["iterations"] and piv["setup_s"] > 0
 
 
-@pytest.mark.parametrize("name,M,draws", [("stein", 60, 3), ("landweber", 40, 1)])  # Landweber's 31 fits: ~1000 steps each
-def test_selection_rules_anchor_rule_is_autos_choice(name, M, draws, monkeypatch):
-    """The offline "anchor 1" rule of selection_rules.py, on the criterion terms it computes, picks the candidate
-    that ``bandwidth="auto"`` picks (the SGE's closed form; Landweber's exact SURE at small M): the study
-    evaluates auto itself, not a re-implementation that could drift."""
+@pytest.mark.parametrize("name,M,draws,criterion", [("stein", 60, 3, "sure"), ("landweber", 40, 1, "sure"),
+                                                    ("ssge", 24, 2, "loo")])  # Landweber's 31 fits: ~1000 steps each
+def test_selection_rules_autos_rule_is_autos_choice(name, M, draws, criterion, monkeypatch):
+    """selection_rules.py's rule marked "(auto)", on the criterion terms it computes, picks the candidate that
+    ``bandwidth="auto"`` picks (the SGE's closed form; Landweber's exact SURE at small M; the SSGE's leave-one-out
+    by refits at small M): the study evaluates auto itself, not a re-implementation that could drift."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import selection_rules
     import steinops
@@ -373,22 +374,45 @@ def test_selection_rules_anchor_rule_is_autos_choice(name, M, draws, monkeypatch
     from steinops.estimators import autotune
     from steinops.estimators.autotune import tune
     dist = get_distribution("eight_gaussians")
+    (label, (rule, k)), = [(lab, r) for lab, r in selection_rules.rules_for(criterion).items() if lab.endswith("(auto)")]
+    se_rule = autotune.LOO_SE_RULE if criterion == "loo" else autotune.SURE_SE_RULE
+    assert label == ("argmin (auto)" if se_rule == 0 else f"anchor {se_rule:g} (auto)") and k == se_rule
     for seed in range(draws):
         x = dist.sample(M, 0.3, generator=torch.Generator().manual_seed(seed)).double()
-        T, err, s2 = selection_rules.score_draw(name, x, dist.score(x, 0.3))
+        T, err, s2 = selection_rules.score_draw(name, x, dist.score(x, 0.3), criterion)
         assert T.shape == (len(err), M) and torch.isfinite(T).all() and s2 > 0
         cands = autotune.fresh_grid(steinops.score_estimator(name, bandwidth="auto"), M)
-        mult, knob = cands[selection_rules.rule_anchor(T, cands, 1.0)]
+        mult, knob = cands[rule(T, cands, k)]
         est = steinops.score_estimator(name, bandwidth="auto")
         chosen = tune(est, x)
         assert float(chosen["bandwidth_mult"]) == pytest.approx(mult) and float(chosen[est.knob]) == pytest.approx(knob)
 
 
+def test_selection_rules_nearest_tie(monkeypatch):
+    """"anchor k, nearest tie": where the argmin beats the anchor, a candidate within 1 paired SE of it that lies
+    nearer the anchor on the grid is chosen instead; a candidate outside that band is not; the anchor stays
+    where nothing beats it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import selection_rules
+    cands = [(2.0, 0.3), (0.25, 3.0), (1.0, 0.3), (4.0, 0.01)]
+    noise = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = torch.stack([noise + 1.0, noise - 1.0, noise - 0.99, noise + 0.5])  # 1 the argmin, 2 tied with it
+    wiggle = torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    base[2] += 0.5 * (wiggle - wiggle.mean())  # mean 0.01 behind the argmin, paired SE ~0.035
+    assert selection_rules.rule_anchor(base, cands, 1.0) == 1
+    assert selection_rules.rule_anchor_nearest(base, cands, 1.0) == 2
+    far = base.clone()
+    far[2] += 0.5  # now many SEs behind the argmin: no tie
+    assert selection_rules.rule_anchor_nearest(far, cands, 1.0) == 1
+    flat = torch.stack([noise, noise + 1e-3, noise + 1.0, noise + 0.5])
+    assert selection_rules.rule_anchor_nearest(flat, cands, 1.0) == 0
+
+
 def test_selection_rules_quick(tmp_path):
     data = _run(["benchmarks/selection_rules.py", "--quick"], tmp_path)
     rules = data["rules"]
-    assert set(rules) == set(["anchor 1 (auto)", "anchor 2", "argmin", "smoothest within 1 SE", "smoothest within 0.5 SE",
-                              "penalised 1", "penalised 2"])
+    assert set(rules) == set(["anchor 1 (auto)", "anchor 2", "argmin", "anchor 1, nearest tie", "argmin, nearest tie",
+                              "smoothest within 1 SE", "smoothest within 0.5 SE", "penalised 1", "penalised 2"])
     for r in rules.values():
         assert r["geo"] >= 1.0 - 1e-12 and r["draws"] == 3  # no rule beats the per-draw oracle
     (case,) = data["calibration"].values()
