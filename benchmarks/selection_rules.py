@@ -5,8 +5,8 @@ then bandwidth multiples x the knob grid) by auto's per-point criterion terms, a
 Fisher error against the exact score. The criterion (``--criterion``):
 - ``sure``: the in-sample SURE terms auto uses for estimators with an exact criterion (the closed-form
   leave-one-out of the SGE / diagonal KEF, the exact spectral trace of the SSGE / Landweber / nu with d <= 16);
-- ``loo``: leave-one-out by refits (``autotune.loo_terms``), what auto uses for the SSGE / nu on a fresh search
-  with M <= ``autotune.LOO_MAX``.
+- ``loo``: leave-one-out by refits (``autotune.loo_terms``), what auto uses for nu (and estimators without an
+  exact SURE) on a fresh search with M <= ``autotune.LOO_MAX``; the SSGE used it until 2026-12-06.
 Then, offline:
 
 1. Selection rules on the same criterion terms, per case: auto's mean error over the draws / the mean of the

@@ -494,10 +494,10 @@ def test_exact_sure_needs_no_probes_or_refits(monkeypatch, name):
 
 
 @pytest.mark.parametrize("name,d,refits", [("landweber", 3, False), ("landweber", 17, True), ("nu", 3, True),
-                                           ("ssge", 3, True)])
+                                           ("ssge", 3, False), ("ssge", 17, True)])
 def test_small_fresh_search_criterion_per_estimator(monkeypatch, name, d, refits):
-    # M <= LOO_MAX, fresh search: leave-one-out by refits, except Landweber where its exact SURE exists (d <= 16;
-    # measured on benchmarks/accuracy.py, see LandweberScoreEstimator.small_search_uses_exact_sure)
+    # M <= LOO_MAX, fresh search: leave-one-out by refits, except Landweber and the SSGE where their exact SURE
+    # exists (d <= 16; measured on benchmarks/accuracy.py, see their small_search_uses_exact_sure)
     used = []
     loo = autotune.loo_terms
     monkeypatch.setattr(autotune, "loo_terms", lambda est, x: used.append("loo") or loo(est, x))

@@ -362,11 +362,11 @@ def test_large_m_benchmark_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("name,M,draws,criterion", [("stein", 60, 3, "sure"), ("landweber", 40, 1, "sure"),
-                                                    ("ssge", 24, 2, "loo")])  # Landweber's 31 fits: ~1000 steps each
+                                                    ("ssge", 24, 2, "sure"), ("nu", 24, 2, "loo")])  # Landweber's 31 fits: ~1000 steps each
 def test_selection_rules_autos_rule_is_autos_choice(name, M, draws, criterion, monkeypatch):
     """selection_rules.py's rule marked "(auto)", on the criterion terms it computes, picks the candidate that
-    ``bandwidth="auto"`` picks (the SGE's closed form; Landweber's exact SURE at small M; the SSGE's leave-one-out
-    by refits at small M): the study evaluates auto itself, not a re-implementation that could drift."""
+    ``bandwidth="auto"`` picks (the SGE's closed form; Landweber's and the SSGE's exact SURE at small M; nu's
+    leave-one-out by refits at small M): the study evaluates auto itself, not a re-implementation that could drift."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import selection_rules
     import steinops

@@ -36,7 +36,7 @@ prefers smoother candidates than the in-sample error does.
 
 "auto" (the default): the closed form where there is one (also on warm starts); leave-one-out by refits on a
 fresh search with M <= ``LOO_MAX`` (except for estimators with ``small_search_uses_exact_sure`` where their exact
-SURE exists: Landweber); SURE otherwise (exact where there is the spectral trace). Measured on
+SURE exists: Landweber and the SSGE); SURE otherwise (exact where there is the spectral trace). Measured on
 ``benchmarks/accuracy.py`` (sigma = 0.1, the nine distributions, in-sample error over the in-sample oracle of
 the same grid). At M = 1024 with 8 Hutchinson probes, SURE was over 1.3x in 3 of the 27 SSGE / Landweber / nu
 cases; the SSGE on the 2-D gmm (1.56x) was probe noise (per probe, the standard deviation of the SURE gap
@@ -50,6 +50,10 @@ fresh searches keep leave-one-out -- except Landweber's: per estimator over 5 dr
 auto's mean error over the oracles' mean was (geo-mean over cases) 1.07x with the exact SURE against 1.12x with
 leave-one-out for Landweber (41 against 38 of 45 draws within 1.3x; leave-one-out over-regularised it on the
 sphere in 4 of 5 draws, 1.44x on average), and 1.15x against 1.10x / 1.13x for nu / the SSGE (4 draws each).
+Over more draws the SSGE went the other way (the 12 cases at M = 128, sigma = 0.1 and 0.5): the exact SURE gave
+1.13x against leave-one-out's 1.16x on draws 0-9, 1.22x against 1.27x on draws 10-19 and 1.14x against 1.32x on
+draws 20-29 (sigma = 0.1), where leave-one-out's argmin picked 5-6x the oracle's error on single two_mode draws;
+so the SSGE uses its exact SURE too. For nu leave-one-out stays ahead over draws 0-9 (1.08x against 1.17x).
 
 Selection with an anchor. The per-point criterion differences between a candidate and an *anchor* (the
 estimator's default on a fresh search, the previous choice on a warm start) are paired, so their standard
@@ -102,7 +106,7 @@ class AutoTune:
             (times the new median distance) and knob. For refits on fresh batches in a training loop.
         criterion, folds, repeats, holdout, se_rule, probes: as for ``tune`` (criterion "auto": the
             closed-form leave-one-out (= SURE) of the SGE / diagonal KEF, leave-one-out by refits on a fresh
-            search with M <= ``LOO_MAX`` (Landweber: its exact SURE where it has one), else in-sample SURE: exact for the SSGE / Landweber / nu with a
+            search with M <= ``LOO_MAX`` (Landweber, the SSGE: their exact SURE where they have one), else in-sample SURE: exact for the SSGE / Landweber / nu with a
             diagonal kernel and d <= ``spectral_sure.EXACT_SURE_MAX_D``, else with ``probes`` Hutchinson probes; folds None: 4
             up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
             4 folds, else 1).
