@@ -172,7 +172,7 @@ def calibration(draws):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--estimator", default="stein", help="an estimator with an exact criterion: stein, kef, ssge, landweber, nu")
+    p.add_argument("--estimator", default="stein", help="stein, kef, ssge, landweber, nu (with --criterion sure: an estimator with an exact SURE)")
     p.add_argument("--criterion", choices=CRITERIA, default="sure",
                    help="sure: the exact in-sample SURE (closed form / spectral trace); loo: leave-one-out by refits")
     p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
