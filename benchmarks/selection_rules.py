@@ -58,10 +58,7 @@ from steinops.distributions import get_distribution
 from steinops.estimators import autotune
 
 import spectral_oracle  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
-
-DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
-                 "sphere"]
-
+from accuracy import DISTRIBUTIONS, fisher  # noqa: E402  (the same cases and error as the accuracy benchmark)
 
 CRITERIA = ("sure", "loo")
 
@@ -85,12 +82,18 @@ def score_draw(name, x, sx, criterion="sure"):
                 g = bases[mult].scores(steinops.score_estimator(name, bandwidth=float(mult * med), **{est.knob: val}))[0]
             else:
                 g = c.fit(x).scores_
-            errors.append(float(((g - sx) ** 2).sum() / (sx ** 2).sum()))
+            errors.append(fisher(g, sx))
     return torch.stack(terms), torch.tensor(errors, dtype=torch.float64), float((sx ** 2).sum(-1).mean())
 
 
 def paired_se(d: torch.Tensor) -> float:
     return float(d.std() / math.sqrt(d.shape[-1] - 1))
+
+
+def within_se_of_best(T, k):
+    """The candidates whose mean is within k paired standard errors of the argmin's (the argmin included)."""
+    best = int(T.mean(-1).argmin())
+    return [c for c in range(T.shape[0]) if float((T[c] - T[best]).mean()) <= k * paired_se(T[c] - T[best])]
 
 
 def rule_anchor(T, cands, k):
@@ -103,10 +106,9 @@ def rule_anchor_nearest(T, cands, k):
     least mean)."""
     if rule_anchor(T, cands, k) == 0:
         return 0
-    best = int(T.mean(-1).argmin())
     ranks = [{v: i for i, v in enumerate(sorted({c[a] for c in cands}))} for a in (0, 1)]
     dist = lambda c: sum(abs(ranks[a][cands[c][a]] - ranks[a][cands[0][a]]) for a in (0, 1))  # noqa: E731
-    tied = [c for c in range(T.shape[0]) if float((T[c] - T[best]).mean()) <= paired_se(T[c] - T[best])]
+    tied = within_se_of_best(T, 1.0)
     return min(tied, key=lambda c: (dist(c), float(T[c].mean())))
 
 
@@ -115,8 +117,7 @@ def rule_argmin(T, cands, k):
 
 
 def rule_smoothest(T, cands, k):
-    best = int(T.mean(-1).argmin())
-    near = [c for c in range(T.shape[0]) if float((T[c] - T[best]).mean()) <= k * paired_se(T[c] - T[best])]
+    near = within_se_of_best(T, k)
     return max(near, key=lambda c: cands[c])  # largest bandwidth multiple, then largest regulariser
 
 
