@@ -138,37 +138,65 @@ def rules_for(criterion="sure"):
     return {(f"{label} (auto)" if label == auto else label): rule for label, rule in rules.items()}
 
 
+def fixed_oracle(draws):
+    """The best *fixed* candidate of one case: the one with the least mean error over the draws (the risk oracle, a
+    hyper-parameter set once for the case in hindsight), against the per-draw oracles (each draw's best candidate).
+    Returns its index, the ratio of the means, and the draws where it is over 1.3x the per-draw oracle."""
+    errors = torch.stack([dr["err"] for dr in draws])  # (draws, C)
+    best = int(errors.mean(0).argmin())
+    per_draw = errors.min(1).values
+    return dict(index=best, cand=list(draws[0]["cands"][best]), ratio=float(errors[:, best].mean() / per_draw.mean()),
+                draws_over=int((errors[:, best] > 1.3 * per_draw).sum()), worst_draw=float((errors[:, best] / per_draw).max()))
+
+
 def evaluate_rules(draws_by_case, criterion="sure"):
-    """{rule: dict(geo, worst, over, draws_ok, draws, misses)} over cases {key: [draw dicts with T, err, cands]}."""
+    """{rule: dict(geo, worst, over, draws_ok, draws, misses, and the same against the fixed oracle: geo_fixed,
+    worst_fixed, over_fixed, misses_fixed)} over cases {key: [draw dicts with T, err, cands]}. The ratios are the
+    rule's mean error over the draws / the per-draw oracles' mean, or / the best fixed candidate's mean."""
+    fixed = {key: fixed_oracle(draws) for key, draws in draws_by_case.items()}
     out = {}
     for rule, (fn, k) in rules_for(criterion).items():
-        ratios, ok, n, misses = [], 0, 0, []
+        ratios, vs_fixed, ok, n, misses, misses_fixed = [], [], 0, 0, [], []
         for key, draws in draws_by_case.items():
             picked = [float(dr["err"][fn(dr["T"], dr["cands"], k)]) for dr in draws]
             oracle = [float(dr["err"].min()) for dr in draws]
             ratio = sum(picked) / sum(oracle)
+            ratio_fixed = sum(picked) / sum(float(dr["err"][fixed[key]["index"]]) for dr in draws)
             ratios.append(ratio)
+            vs_fixed.append(ratio_fixed)
             ok += sum(p <= 1.3 * o for p, o in zip(picked, oracle))
             n += len(draws)
+            name = f"{key[0]} M={key[1]} sigma={key[2]}"
             if ratio > 1.3:
-                misses.append(f"{key[0]} M={key[1]} sigma={key[2]}: {ratio:.2f}x")
+                misses.append(f"{name}: {ratio:.2f}x")
+            if ratio_fixed > 1.3:
+                misses_fixed.append(f"{name}: {ratio_fixed:.2f}x")
         out[rule] = dict(geo=statistics.geometric_mean(ratios), worst=max(ratios), over=len(misses),
-                         cases=len(ratios), draws_ok=ok, draws=n, misses=misses)
+                         cases=len(ratios), draws_ok=ok, draws=n, misses=misses,
+                         geo_fixed=statistics.geometric_mean(vs_fixed), worst_fixed=max(vs_fixed),
+                         over_fixed=len(misses_fixed), misses_fixed=misses_fixed)
     return out
 
 
 def calibration(draws):
-    """Per candidate c != 0 of one case: sd over draws of the criterion's error in (c - default), over the mean
-    per-point paired standard error; returns the median over candidates and the largest, and that candidate."""
-    ratios = []
+    """Per candidate c != 0 of one case, over the mean per-point paired standard error of (c - default):
+    - the sd over draws of the criterion's error in (c - default) against this draw's in-sample error difference
+      (``median``, ``largest``, ``largest_at``: what the anchor rule would need to chase each draw's own errors);
+    - the sd over draws of the criterion difference itself (``spread_median``, ``spread_largest``: how well the
+      per-point SE measures the criterion's own noise, i.e. its error as an estimate of the expected difference).
+    Medians over candidates and the largest (with its candidate)."""
+    ratios, spread = [], []
     for c in range(1, draws[0]["T"].shape[0]):
-        errs = [float((dr["T"][c] - dr["T"][0]).mean()) - 0.5 * (float(dr["err"][c]) - float(dr["err"][0])) * dr["s2"]
-                for dr in draws]
+        crit = [float((dr["T"][c] - dr["T"][0]).mean()) for dr in draws]
+        errs = [cr - 0.5 * (float(dr["err"][c]) - float(dr["err"][0])) * dr["s2"] for cr, dr in zip(crit, draws)]
         se = statistics.mean(paired_se(dr["T"][c] - dr["T"][0]) for dr in draws)
         if se > 0:
             ratios.append((statistics.stdev(errs) / se, c))
+            spread.append(statistics.stdev(crit) / se)
     ratios.sort()
-    return dict(median=ratios[len(ratios) // 2][0], largest=ratios[-1][0], largest_at=list(draws[0]["cands"][ratios[-1][1]]))
+    spread.sort()
+    return dict(median=ratios[len(ratios) // 2][0], largest=ratios[-1][0], largest_at=list(draws[0]["cands"][ratios[-1][1]]),
+                spread_median=spread[len(spread) // 2], spread_largest=spread[-1])
 
 
 def main(argv=None):
@@ -201,20 +229,33 @@ def main(argv=None):
             draws.append(dict(T=T, err=err, s2=s2, cands=cands))
         cases[(dname, M, sigma)] = draws
     rules = evaluate_rules(cases, a.criterion)
+    fixed = {f"{k[0]} M={k[1]} sigma={k[2]}": fixed_oracle(v) for k, v in cases.items()}
     calib = {f"{k[0]} M={k[1]} sigma={k[2]}": calibration(v) for k, v in cases.items()}
     print(f"{a.estimator}, criterion {a.criterion}: {len(cases)} cases x {a.draws} draws; auto mean / oracle mean over the draws")
     print("| rule | geo-mean | worst | cases over 1.3x | draws within 1.3x | which |\n|---|---|---|---|---|---|")
     for rule, r in rules.items():
         print(f"| {rule} | {r['geo']:.3f}x | {r['worst']:.2f}x | {r['over']} / {r['cases']} | {r['draws_ok']} / {r['draws']} | "
               f"{'; '.join(r['misses']) or '-'} |")
-    print("\ncriterion calibration: sd over draws of its error in (candidate - default) / mean per-point paired SE")
-    print("| case | median over candidates | largest | at (bandwidth multiple, knob) |\n|---|---|---|---|")
+    print("\nagainst the best fixed candidate per case (the risk oracle): rule's mean error / its mean error")
+    print("| rule | geo-mean | worst | cases over 1.3x | which |\n|---|---|---|---|---|")
+    for rule, r in rules.items():
+        print(f"| {rule} | {r['geo_fixed']:.3f}x | {r['worst_fixed']:.2f}x | {r['over_fixed']} / {r['cases']} | "
+              f"{'; '.join(r['misses_fixed']) or '-'} |")
+    print("\nthe best fixed candidate against the per-draw oracles (a value fixed for the case against one tuned per draw on the exact score)")
+    print("| case | candidate | fixed mean / per-draw oracles' mean | draws over 1.3x | worst draw |\n|---|---|---|---|---|")
+    for case, f in fixed.items():
+        print(f"| {case} | {tuple(f['cand'])} | {f['ratio']:.3f}x | {f['draws_over']} / {a.draws} | {f['worst_draw']:.2f}x |")
+    print("\ncriterion calibration, over the mean per-point paired SE of (candidate - default): the sd over draws of the"
+          "\ncriterion's error against the draw's in-sample error difference, and of the criterion difference itself")
+    print("| case | error: median over candidates | largest | at (bandwidth multiple, knob) | spread: median | largest |"
+          "\n|---|---|---|---|---|---|")
     for case, c in calib.items():
-        print(f"| {case} | {c['median']:.2f} | {c['largest']:.2f} | {tuple(c['largest_at'])} |")
+        print(f"| {case} | {c['median']:.2f} | {c['largest']:.2f} | {tuple(c['largest_at'])} | {c['spread_median']:.2f} | "
+              f"{c['spread_largest']:.2f} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(settings=vars(a), rules=rules, calibration=calib, seconds=time.time() - t0,
+    tmp.write_text(json.dumps(dict(settings=vars(a), rules=rules, fixed_oracle=fixed, calibration=calib, seconds=time.time() - t0,
                                    machine=platform.processor() or platform.machine(), torch=torch.__version__), indent=1))
     tmp.replace(out)
     print(f"wrote {out}")

@@ -408,6 +408,25 @@ def test_selection_rules_nearest_tie(monkeypatch):
     assert selection_rules.rule_anchor_nearest(flat, cands, 1.0) == 0
 
 
+def test_selection_rules_fixed_oracle(monkeypatch):
+    """The best fixed candidate of a case is the one with the least mean error over the draws (not the one that
+    wins most draws), and the rules are scored against it as well as against the per-draw oracles."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import selection_rules
+    cands = [(2.0, 0.3), (0.25, 3.0), (1.0, 0.3)]
+    errs = [[0.5, 0.10, 0.30], [0.5, 0.12, 0.30], [0.5, 2.00, 0.35]]  # 1 wins two draws; 2 has the least mean
+    T = torch.stack([torch.zeros(5), -torch.ones(5), torch.ones(5)]).double()  # every rule picks 1 (a clear argmin)
+    draws = [dict(T=T + 1e-3 * torch.arange(5.0).double(), err=torch.tensor(e, dtype=torch.float64), s2=1.0, cands=cands)
+             for e in errs]
+    fixed = selection_rules.fixed_oracle(draws)
+    assert fixed["index"] == 2 and fixed["cand"] == [1.0, 0.3]
+    assert fixed["ratio"] == pytest.approx(0.95 / (0.10 + 0.12 + 0.35))
+    assert fixed["draws_over"] == 2 and fixed["worst_draw"] == pytest.approx(3.0)
+    res = selection_rules.evaluate_rules({("toy", 8, 0.1): draws})["anchor 1 (auto)"]
+    assert res["geo"] == pytest.approx(2.22 / 0.57) and res["geo_fixed"] == pytest.approx(2.22 / 0.95)
+    assert res["over_fixed"] == 1 and res["misses_fixed"] == ["toy M=8 sigma=0.1: 2.34x"]
+
+
 def test_selection_rules_quick(tmp_path):
     data = _run(["benchmarks/selection_rules.py", "--quick"], tmp_path)
     rules = data["rules"]
@@ -416,4 +435,6 @@ def test_selection_rules_quick(tmp_path):
     for r in rules.values():
         assert r["geo"] >= 1.0 - 1e-12 and r["draws"] == 3  # no rule beats the per-draw oracle
     (case,) = data["calibration"].values()
-    assert case["largest"] >= case["median"] > 0
+    assert case["largest"] >= case["median"] > 0 and case["spread_largest"] >= case["spread_median"] > 0
+    (fixed,) = data["fixed_oracle"].values()
+    assert fixed["ratio"] >= 1.0 - 1e-12 and 0 <= fixed["draws_over"] <= 3
