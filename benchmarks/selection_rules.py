@@ -63,8 +63,9 @@ from accuracy import DISTRIBUTIONS, fisher  # noqa: E402  (the same cases and er
 CRITERIA = ("sure", "loo")
 
 
-def score_draw(name, x, sx, criterion="sure"):
-    """Criterion terms (C, M) and true in-sample errors (C,) of every candidate on one draw, and mean |s|^2."""
+def score_draw(name, x, sx, criterion="sure", bandwidth_mults=autotune.BANDWIDTH_MULTS):
+    """Criterion terms (C, M) and true in-sample errors (C,) of every candidate on one draw, and mean |s|^2; the
+    candidates are ``autotune.fresh_grid`` with ``bandwidth_mults`` (auto's own grid by default)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     est = steinops.score_estimator(name, bandwidth="auto")
@@ -73,7 +74,7 @@ def score_draw(name, x, sx, criterion="sure"):
     med = median_distance(x)
     terms, errors, cache, bases = [], [], {}, {}
     with torch.no_grad():
-        for mult, val in autotune.fresh_grid(est, x.shape[-2]):
+        for mult, val in autotune.fresh_grid(est, x.shape[-2], bandwidth_mults):
             c = est.candidate(torch.tensor(mult, dtype=x.dtype) * med, torch.tensor(val, dtype=x.dtype))
             terms.append(autotune.sure_terms(c, x, None, cache=cache) if criterion == "sure" else autotune.loo_terms(c, x))
             if spectral_oracle.applies(name, {}):  # the fit's own numbers from one eigh per bandwidth (tested)
@@ -141,12 +142,24 @@ def rules_for(criterion="sure"):
 def fixed_oracle(draws):
     """The best *fixed* candidate of one case: the one with the least mean error over the draws (the risk oracle, a
     hyper-parameter set once for the case in hindsight), against the per-draw oracles (each draw's best candidate).
-    Returns its index, the ratio of the means, and the draws where it is over 1.3x the per-draw oracle."""
+    Returns its index, the ratio of the means, the draws where it is over 1.3x the per-draw oracle, and
+    ``corr_median``: over the five candidates of least mean error after it, the median correlation over draws
+    between the criterion's difference to it and the in-sample error difference to it. Negative: the criterion
+    rates a competitor best on the draws where it is worst, as Cp / SURE / cross-validation do (they estimate
+    the error averaged over sample sets, not the error of the fit at hand; Bates, Hastie & Tibshirani 2021,
+    arXiv:2104.00673), so no criterion of this kind can follow each draw's own oracle."""
     errors = torch.stack([dr["err"] for dr in draws])  # (draws, C)
     best = int(errors.mean(0).argmin())
     per_draw = errors.min(1).values
+    corrs = []
+    for c in errors.mean(0).argsort()[1:6].tolist():
+        crit = [float((dr["T"][c] - dr["T"][best]).mean()) for dr in draws]
+        true = [0.5 * (float(dr["err"][c]) - float(dr["err"][best])) * dr["s2"] for dr in draws]
+        if statistics.pstdev(crit) > 0 and statistics.pstdev(true) > 0:
+            corrs.append(statistics.correlation(crit, true))
     return dict(index=best, cand=list(draws[0]["cands"][best]), ratio=float(errors[:, best].mean() / per_draw.mean()),
-                draws_over=int((errors[:, best] > 1.3 * per_draw).sum()), worst_draw=float((errors[:, best] / per_draw).max()))
+                draws_over=int((errors[:, best] > 1.3 * per_draw).sum()), worst_draw=float((errors[:, best] / per_draw).max()),
+                corr_median=statistics.median(corrs) if corrs else float("nan"))
 
 
 def evaluate_rules(draws_by_case, criterion="sure"):
@@ -242,9 +255,13 @@ def main(argv=None):
         print(f"| {rule} | {r['geo_fixed']:.3f}x | {r['worst_fixed']:.2f}x | {r['over_fixed']} / {r['cases']} | "
               f"{'; '.join(r['misses_fixed']) or '-'} |")
     print("\nthe best fixed candidate against the per-draw oracles (a value fixed for the case against one tuned per draw on the exact score)")
-    print("| case | candidate | fixed mean / per-draw oracles' mean | draws over 1.3x | worst draw |\n|---|---|---|---|---|")
+    print("(correlation: over its 5 nearest competitors, the median correlation over draws between the criterion's and the"
+          "\nin-sample error's differences to it)")
+    print("| case | candidate | fixed mean / per-draw oracles' mean | draws over 1.3x | worst draw | correlation |"
+          "\n|---|---|---|---|---|---|")
     for case, f in fixed.items():
-        print(f"| {case} | {tuple(f['cand'])} | {f['ratio']:.3f}x | {f['draws_over']} / {a.draws} | {f['worst_draw']:.2f}x |")
+        print(f"| {case} | {tuple(f['cand'])} | {f['ratio']:.3f}x | {f['draws_over']} / {a.draws} | {f['worst_draw']:.2f}x | "
+              f"{f['corr_median']:+.2f} |")
     print("\ncriterion calibration, over the mean per-point paired SE of (candidate - default): the sd over draws of the"
           "\ncriterion's error against the draw's in-sample error difference, and of the criterion difference itself")
     print("| case | error: median over candidates | largest | at (bandwidth multiple, knob) | spread: median | largest |"

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -427,6 +428,55 @@ def test_selection_rules_fixed_oracle(monkeypatch):
     assert res["over_fixed"] == 1 and res["misses_fixed"] == ["toy M=8 sigma=0.1: 2.34x"]
 
 
+def test_selection_rules_calibration(monkeypatch):
+    """The calibration's spread is the sd over draws of the criterion difference over its mean per-point SE, and the
+    fixed oracle's correlation is -1 where the in-sample error difference moves exactly against the criterion."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import selection_rules
+    wiggle = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)  # the same per-point spread on every draw
+    draws = []
+    for m in (0.1, -0.2, 0.3, 0.05):
+        T = torch.stack([torch.zeros(4, dtype=torch.float64), m + wiggle])
+        err = torch.tensor([1.0, 1.0 - 2 * m], dtype=torch.float64)  # true difference 1/2 (err_1 - err_0) s2 = -m
+        draws.append(dict(T=T, err=err, s2=1.0, cands=[(2.0, 0.3), (1.0, 0.1)]))
+    c = selection_rules.calibration(draws)
+    se = float(wiggle.std() / math.sqrt(3))
+    assert c["spread_median"] == pytest.approx(statistics.stdev([0.1, -0.2, 0.3, 0.05]) / se)
+    assert c["median"] == pytest.approx(2 * statistics.stdev([0.1, -0.2, 0.3, 0.05]) / se)  # criterion - true = 2m
+    fixed = selection_rules.fixed_oracle([dict(dr, err=torch.tensor([1.0 + 2 * m, 0.5], dtype=torch.float64))
+                                          for dr, m in zip(draws, (0.1, -0.2, 0.3, 0.05))])
+    assert fixed["index"] == 1 and fixed["corr_median"] == pytest.approx(-1.0)  # candidate 0 against the best fixed, 1
+
+
+def test_grid_edge_extension(monkeypatch):
+    """The edge extension halves the bandwidth only while auto's choice sits at the smallest multiple searched and the
+    best candidate one step below wins by more than the SE rule; a choice inside the grid is never extended."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grid_edge
+    cands = [(2.0, 0.3), (0.25, 0.1), (0.5, 0.1), (0.125, 0.1), (0.125, 1.0), (0.0625, 0.1)]
+    base = [0, 1, 2]
+    noise = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    T = torch.stack([noise, noise - 1.0, noise - 0.5, noise - 2.0, noise - 1.5, noise - 1.9])
+    assert grid_edge.edge_extension(T, cands, base, 1.0) == 3  # 0.25 -> 0.125 (best of its knobs); 0.0625 loses
+    T[5] = noise - 3.0
+    assert grid_edge.edge_extension(T, cands, base, 1.0) == 5  # and on to 0.0625
+    w = torch.randn(300, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    T[3] = T[4] = noise - 1.0 + 1e-3 * (w - w.mean())  # the same mean as the choice at 0.25
+    assert grid_edge.edge_extension(T, cands, base, 1.0) == 1  # a tie within the SE: stay on auto's grid
+    inner = torch.stack([noise, noise - 0.5, noise - 1.0, noise - 5.0, noise, noise])
+    assert grid_edge.edge_extension(inner, cands, base, 1.0) == 2  # auto chose 0.5: no extension
+    row = grid_edge.evaluate([dict(T=T, err=torch.tensor([1.0, 0.5, 0.8, 0.4, 0.45, 0.3], dtype=torch.float64))],
+                             cands, base, 1.0)
+    assert row["oracle"] == 0.5 and row["oracle_wide"] == 0.3 and row["auto"] == 0.5 and row["edge"] == 0.5
+
+
+def test_grid_edge_quick(tmp_path):
+    data = _run(["benchmarks/grid_edge.py", "--quick"], tmp_path)
+    (row,) = data["rows"]
+    assert row["oracle_wide"] <= row["oracle"] * (1 + 1e-12) and row["draws"] == 2
+    assert row["edge"] >= row["oracle_wide"] * (1 - 1e-12) and row["auto_wide"] >= row["oracle_wide"] * (1 - 1e-12)
+
+
 def test_selection_rules_quick(tmp_path):
     data = _run(["benchmarks/selection_rules.py", "--quick"], tmp_path)
     rules = data["rules"]
@@ -437,4 +487,4 @@ def test_selection_rules_quick(tmp_path):
     (case,) = data["calibration"].values()
     assert case["largest"] >= case["median"] > 0 and case["spread_largest"] >= case["spread_median"] > 0
     (fixed,) = data["fixed_oracle"].values()
-    assert fixed["ratio"] >= 1.0 - 1e-12 and 0 <= fixed["draws_over"] <= 3
+    assert fixed["ratio"] >= 1.0 - 1e-12 and 0 <= fixed["draws_over"] <= 3 and -1 <= fixed["corr_median"] <= 1

@@ -1,0 +1,135 @@
+"""Does auto's bandwidth grid end too early? Smaller multiples of the median distance, measured.
+
+Auto searches bandwidths {0.25, 0.5, 1, 2, 4} x the median distance (``autotune.BANDWIDTH_MULTS``) and the
+oracle of ``accuracy.py`` searches the same grid. On thin structures (rings, curves) at large M the best
+bandwidth can lie below 0.25 x median, and then both sit on the grid's edge. For every case and draw (the same
+draws as ``accuracy.py --replicates``) this scores a grid with ``--extra-mults`` added below auto's, by auto's
+exact criterion (``selection_rules.score_draw``) and by the true in-sample error, and compares:
+
+- the oracle on auto's grid against the oracle on the wider grid (what the smaller bandwidths are worth);
+- auto's rule on its own grid (what auto does now), on the whole wider grid (the anchor rule over all candidates),
+  and with an *edge extension*: auto's choice on its own grid, then, while that choice has the smallest multiple
+  searched so far, the best candidate at half that multiple (every knob value) replaces it if it wins by more
+  than ``autotune.SURE_SE_RULE`` paired standard errors.
+
+Ratios are mean errors over the draws; geo-means over cases.
+
+    python benchmarks/grid_edge.py --estimator stein --samples 128 --draws 20
+    python benchmarks/grid_edge.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import steinops
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import steinops
+from steinops.distributions import get_distribution
+from steinops.estimators import autotune
+
+import selection_rules  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+from accuracy import DISTRIBUTIONS  # noqa: E402
+
+
+def edge_extension(T, cands, base, se_rule):
+    """Auto's anchor rule on the candidates ``base`` (indices into T (C, M), the anchor first), then: while the
+    choice has the smallest multiple searched so far and a grid with half that multiple exists in ``cands``, the
+    best candidate there replaces the choice if it beats it by more than ``se_rule`` paired SEs. Returns an index."""
+    chosen = base[int(autotune.anchor_choice(T[base], se_rule))]
+    lowest = min(cands[i][0] for i in base[1:])
+    while cands[chosen][0] == lowest:
+        lower = [i for i, c in enumerate(cands) if i and math.isclose(c[0], lowest / 2)]
+        if not lower:
+            break
+        best = min(lower, key=lambda i: float(T[i].mean()))
+        if int(autotune.anchor_choice(torch.stack([T[chosen], T[best]]), se_rule)) == 0:
+            break
+        chosen, lowest = best, lowest / 2
+    return chosen
+
+
+def evaluate(draws, cands, base, se_rule):
+    """Per case: mean errors over the draws of the oracles (auto's grid, wider grid) and of the three rules."""
+    sums = dict(oracle=0.0, oracle_wide=0.0, auto=0.0, auto_wide=0.0, edge=0.0)
+    picks_below = 0
+    for dr in draws:
+        T, err = dr["T"], dr["err"]
+        sums["oracle"] += float(err[base].min())
+        sums["oracle_wide"] += float(err.min())
+        sums["auto"] += float(err[base[int(autotune.anchor_choice(T[base], se_rule))]])
+        sums["auto_wide"] += float(err[int(autotune.anchor_choice(T, se_rule))])
+        e = edge_extension(T, cands, base, se_rule)
+        sums["edge"] += float(err[e])
+        picks_below += cands[e][0] < min(cands[i][0] for i in base[1:])
+    n = len(draws)
+    return {k: v / n for k, v in sums.items()} | dict(edge_below=picks_below, draws=n)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--estimator", default="stein", help="an estimator with an exact SURE (stein, kef, ssge, landweber, nu)")
+    p.add_argument("--extra-mults", type=float, nargs="+", default=[0.0625, 0.125],
+                   help="bandwidth multiples added below auto's grid")
+    p.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
+    p.add_argument("--samples", type=int, nargs="+", default=[128])
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1])
+    p.add_argument("--draws", type=int, default=5, help="draws per case (seeds first-draw .. first-draw + draws - 1)")
+    p.add_argument("--first-draw", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke test: rings, M = 48, sigma = 0.1, 2 draws")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "grid-edge.json"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.distributions, a.samples, a.sigmas, a.draws = ["rings"], [48], [0.1], 2
+    if any(not 0 < m < min(autotune.BANDWIDTH_MULTS) for m in a.extra_mults):
+        p.error(f"--extra-mults must lie in (0, {min(autotune.BANDWIDTH_MULTS)})")
+    mults = tuple(sorted(set(a.extra_mults) | set(autotune.BANDWIDTH_MULTS)))
+    se_rule = autotune.SURE_SE_RULE
+    t0, rows = time.time(), []
+    from tqdm import tqdm
+    for dname in tqdm(a.distributions, desc="distributions"):
+        dist = get_distribution(dname)
+        for M in a.samples:
+            for sigma in a.sigmas:
+                cands = autotune.fresh_grid(steinops.score_estimator(a.estimator, bandwidth="auto"), M, mults)
+                base = [i for i, c in enumerate(cands) if i == 0 or c[0] in autotune.BANDWIDTH_MULTS]
+                draws = []
+                for seed in range(a.first_draw, a.first_draw + a.draws):
+                    x = dist.sample(M, sigma, generator=torch.Generator().manual_seed(seed)).double()
+                    T, err, _ = selection_rules.score_draw(a.estimator, x, dist.score(x, sigma), "sure", mults)
+                    draws.append(dict(T=T, err=err))
+                r = evaluate(draws, cands, base, se_rule)
+                rows.append(dict(distribution=dname, M=M, sigma=sigma, **r))
+    print(f"{a.estimator}: auto's grid {autotune.BANDWIDTH_MULTS} + {tuple(a.extra_mults)}; mean errors over {a.draws} draws")
+    print("| case | oracle wider / auto's grid | auto / its oracle | anchor rule on the wider grid / auto | "
+          "edge extension / auto | edge extension / wider oracle | draws it went below |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['distribution']} M={r['M']} sigma={r['sigma']} | {r['oracle_wide'] / r['oracle']:.3f} | "
+              f"{r['auto'] / r['oracle']:.3f} | {r['auto_wide'] / r['auto']:.3f} | {r['edge'] / r['auto']:.3f} | "
+              f"{r['edge'] / r['oracle_wide']:.3f} | {r['edge_below']} / {r['draws']} |")
+    geo = lambda k, b: statistics.geometric_mean([r[k] / r[b] for r in rows])  # noqa: E731
+    summary = dict(oracle_gain=geo("oracle_wide", "oracle"), auto_vs_oracle=geo("auto", "oracle"),
+                   wide_vs_auto=geo("auto_wide", "auto"), edge_vs_auto=geo("edge", "auto"),
+                   edge_vs_wide_oracle=geo("edge", "oracle_wide"))
+    print("geo-means: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(settings=vars(a), mults=mults, rows=rows, summary=summary, seconds=time.time() - t0,
+                                   machine=platform.processor() or platform.machine(), torch=torch.__version__), indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
