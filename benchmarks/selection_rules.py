@@ -25,8 +25,12 @@ Then, offline:
    ``(crit_c - crit_0) - (true_c - true_0)`` with ``true = 1/2 E|g - s|^2 - 1/2 E|s|^2`` over the samples (for
    leave-one-out an estimate of the out-of-sample error of fits on M - 1 points, measured against the in-sample
    one: the difference is part of what it gets wrong here); its standard deviation over the draws divided by the
-   mean per-point paired standard error (what the anchor rule uses). A ratio above 1 means the per-point standard
-   error understates the draw-to-draw noise (the terms of one fit are not independent).
+   mean per-point paired standard error (what the anchor rule uses), and the same for the criterion difference
+   alone ("spread": near 1 when the per-point SE describes the criterion's own draw-to-draw noise).
+3. The best fixed candidate per case (least mean error over the draws, in hindsight: the risk oracle) against the
+   per-draw oracles, every rule against it, and the correlation over draws between the criterion's and the true
+   in-sample differences to it among its nearest competitors (negative: the draws' own errors move against the
+   criterion).
 
     python benchmarks/selection_rules.py --estimator stein --samples 128 1024 --draws 5
     python benchmarks/selection_rules.py --estimator ssge --criterion loo --samples 128 --draws 10
@@ -147,7 +151,7 @@ def fixed_oracle(draws):
     between the criterion's difference to it and the in-sample error difference to it. Negative: the criterion
     rates a competitor best on the draws where it is worst, as Cp / SURE / cross-validation do (they estimate
     the error averaged over sample sets, not the error of the fit at hand; Bates, Hastie & Tibshirani 2021,
-    arXiv:2104.00673), so no criterion of this kind can follow each draw's own oracle."""
+    arXiv:2104.00673): such a criterion cannot follow each draw's own oracle closely."""
     errors = torch.stack([dr["err"] for dr in draws])  # (draws, C)
     best = int(errors.mean(0).argmin())
     per_draw = errors.min(1).values
