@@ -91,6 +91,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.distributions, a.samples, a.sigmas, a.draws = ["rings"], [48], [0.1], 2
+    if a.draws < 1 or a.first_draw < 0:
+        p.error("--draws must be at least 1 and --first-draw at least 0")
     if any(not 0 < m < min(autotune.BANDWIDTH_MULTS) for m in a.extra_mults):
         p.error(f"--extra-mults must lie in (0, {min(autotune.BANDWIDTH_MULTS)})")
     mults = tuple(sorted(set(a.extra_mults) | set(autotune.BANDWIDTH_MULTS)))
