@@ -20,7 +20,6 @@ Ratios are mean errors over the draws; geo-means over cases.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -40,6 +39,7 @@ from steinops.estimators import autotune
 
 import selection_rules  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 from accuracy import DISTRIBUTIONS  # noqa: E402
+from kernels import write_json  # noqa: E402
 
 
 def edge_extension(T, cands, base, se_rule):
@@ -124,13 +124,9 @@ def main(argv=None):
                    wide_vs_auto=geo("auto_wide", "auto"), edge_vs_auto=geo("edge", "auto"),
                    edge_vs_wide_oracle=geo("edge", "oracle_wide"))
     print("geo-means: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(settings=vars(a), mults=mults, rows=rows, summary=summary, seconds=time.time() - t0,
-                                   machine=platform.processor() or platform.machine(), torch=torch.__version__), indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_json(Path(a.out), dict(settings=vars(a), mults=mults, rows=rows, summary=summary, seconds=time.time() - t0,
+                                 machine=platform.processor() or platform.machine(), torch=torch.__version__))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

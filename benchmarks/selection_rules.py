@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -63,6 +62,7 @@ from steinops.estimators import autotune
 
 import spectral_oracle  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 from accuracy import DISTRIBUTIONS, fisher  # noqa: E402  (the same cases and error as the accuracy benchmark)
+from kernels import write_json  # noqa: E402
 
 CRITERIA = ("sure", "loo")
 
@@ -166,11 +166,18 @@ def fixed_oracle(draws):
                 corr_median=statistics.median(corrs) if corrs else float("nan"))
 
 
-def evaluate_rules(draws_by_case, criterion="sure"):
+def case_label(key) -> str:
+    """"dist M=.. sigma=.." for a case key (distribution, M, sigma)."""
+    return f"{key[0]} M={key[1]} sigma={key[2]}"
+
+
+def evaluate_rules(draws_by_case, criterion="sure", fixed=None):
     """{rule: dict(geo, worst, over, draws_ok, draws, misses, and the same against the fixed oracle: geo_fixed,
     worst_fixed, over_fixed, misses_fixed)} over cases {key: [draw dicts with T, err, cands]}. The ratios are the
-    rule's mean error over the draws / the per-draw oracles' mean, or / the best fixed candidate's mean."""
-    fixed = {key: fixed_oracle(draws) for key, draws in draws_by_case.items()}
+    rule's mean error over the draws / the per-draw oracles' mean, or / the best fixed candidate's mean
+    (``fixed``: {key: ``fixed_oracle(draws)``}, computed here when not given)."""
+    if fixed is None:
+        fixed = {key: fixed_oracle(draws) for key, draws in draws_by_case.items()}
     out = {}
     for rule, (fn, k) in rules_for(criterion).items():
         ratios, vs_fixed, ok, n, misses, misses_fixed = [], [], 0, 0, [], []
@@ -183,7 +190,7 @@ def evaluate_rules(draws_by_case, criterion="sure"):
             vs_fixed.append(ratio_fixed)
             ok += sum(p <= 1.3 * o for p, o in zip(picked, oracle))
             n += len(draws)
-            name = f"{key[0]} M={key[1]} sigma={key[2]}"
+            name = case_label(key)
             if ratio > 1.3:
                 misses.append(f"{name}: {ratio:.2f}x")
             if ratio_fixed > 1.3:
@@ -245,9 +252,10 @@ def main(argv=None):
             T, err, s2 = score_draw(a.estimator, x, dist.score(x, sigma), a.criterion)
             draws.append(dict(T=T, err=err, s2=s2, cands=cands))
         cases[(dname, M, sigma)] = draws
-    rules = evaluate_rules(cases, a.criterion)
-    fixed = {f"{k[0]} M={k[1]} sigma={k[2]}": fixed_oracle(v) for k, v in cases.items()}
-    calib = {f"{k[0]} M={k[1]} sigma={k[2]}": calibration(v) for k, v in cases.items()}
+    fixed_by_key = {k: fixed_oracle(v) for k, v in cases.items()}
+    rules = evaluate_rules(cases, a.criterion, fixed_by_key)
+    fixed = {case_label(k): f for k, f in fixed_by_key.items()}
+    calib = {case_label(k): calibration(v) for k, v in cases.items()}
     print(f"{a.estimator}, criterion {a.criterion}: {len(cases)} cases x {a.draws} draws; auto mean / oracle mean over the draws")
     print("| rule | geo-mean | worst | cases over 1.3x | draws within 1.3x | which |\n|---|---|---|---|---|---|")
     for rule, r in rules.items():
@@ -273,13 +281,10 @@ def main(argv=None):
     for case, c in calib.items():
         print(f"| {case} | {c['median']:.2f} | {c['largest']:.2f} | {tuple(c['largest_at'])} | {c['spread_median']:.2f} | "
               f"{c['spread_largest']:.2f} |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(settings=vars(a), rules=rules, fixed_oracle=fixed, calibration=calib, seconds=time.time() - t0,
-                                   machine=platform.processor() or platform.machine(), torch=torch.__version__), indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_json(Path(a.out), dict(settings=vars(a), rules=rules, fixed_oracle=fixed, calibration=calib,
+                                 seconds=time.time() - t0, machine=platform.processor() or platform.machine(),
+                                 torch=torch.__version__))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
