@@ -25,6 +25,10 @@ the per-draw oracles, and the share of single draws within 1.3x.
 
 "kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
+``--extend-edge`` runs auto with the edge extension (``AutoTune(extend_edge=True)``: below 0.25 x median while
+its choice sits there) and widens the oracle's grid by the multiples the extension can reach (0.125, 0.0625), so
+that the oracle still searches every candidate auto can choose.
+
 Prints a table and writes JSON (``--out``).
 """
 from __future__ import annotations
@@ -84,11 +88,12 @@ def evaluate(name, kwargs, x, q, sx, sq, return_choice=False):
     return (*errors, tuned)
 
 
-def run_case(variant, x, q, sx, sq, auto=None, bases=None):
+def run_case(variant, x, q, sx, sq, auto=None, bases=None, mults=BANDWIDTH_MULTS):
     """Default, auto and oracle errors of one estimator on one sample set. ``bases``: a dict shared by the
     estimators of one case; where it is given and the estimator is a spectral filter of K (SSGE, Landweber, nu
     with the diagonal kernel), the oracle grid is evaluated from one eigendecomposition per bandwidth kept there
-    (``spectral_oracle.py``: the same numbers as fits, one eigh per bandwidth instead of a fit per candidate)."""
+    (``spectral_oracle.py``: the same numbers as fits, one eigh per bandwidth instead of a fit per candidate).
+    ``mults``: the oracle's bandwidth multiples."""
     name, base_kw = parse_variant(variant)
     default_in, default_out = evaluate(name, base_kw, x, q, sx, sq)
     auto_in, auto_out, auto_params = evaluate(name, {**base_kw, "bandwidth": auto or "auto"}, x, q, sx, sq,
@@ -102,7 +107,7 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None):
     spectral = bases is not None and spectral_oracle.applies(name, base_kw)
     best = (default_in, default_out, {"default": True})
     best_out = default_out
-    for mult, val in itertools.product(BANDWIDTH_MULTS, values):
+    for mult, val in itertools.product(mults, values):
         kw = {**base_kw, "bandwidth": mult * med, **({knob: val} if knob else {})}
         try:
             if spectral:
@@ -121,6 +126,15 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None):
     return dict(default_in=default_in, default_out=default_out, auto_in=auto_in, auto_out=auto_out,
                 auto_params=auto_params, oracle_in=best[0], oracle_out=best[1], oracle_params=best[2],
                 oracle_out_best=best_out, oracle_by="eigendecomposition" if spectral else "fits")
+
+
+def edge_mults() -> list[float]:
+    """The bandwidth multiples below auto's grid that the edge extension can reach (0.125, 0.0625)."""
+    out, m = [], min(BANDWIDTH_MULTS) / 2
+    while m >= autotune.EDGE_MIN_MULT * (1 - 1e-9):
+        out.append(m)
+        m /= 2
+    return out
 
 
 def replicate(row) -> int:
@@ -213,6 +227,8 @@ def main(argv=None):
     p.add_argument("--probes", type=int, default=None,
                    help="Rademacher probes of auto's Hutchinson trace (SURE without an exact trace: curl-free "
                         f"kernels, d > {EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
+    p.add_argument("--extend-edge", action="store_true",
+                   help="auto with AutoTune(extend_edge=True); the oracle's grid adds the multiples it can reach")
     p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48 (leave-one-out by refits still runs), sigma = 0.5, 64 queries")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")
@@ -230,13 +246,14 @@ def main(argv=None):
     if a.replicates < 1 or a.first_replicate < 0:
         p.error("--replicates must be >= 1 and --first-replicate >= 0")
     dtype = getattr(torch, a.dtype)
+    mults = sorted(set(BANDWIDTH_MULTS) | set(edge_mults() if a.extend_edge else ()))
     rows, t0 = [], time.time()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows):  # after every case, atomically: a stopped run keeps what it measured
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, rows=rows,
+        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=mults, rows=rows,
                                        machine=platform.processor() or platform.machine(),
                                        torch=torch.__version__, seconds=time.time() - t0), indent=1))
         os.replace(tmp, out)
@@ -256,7 +273,8 @@ def main(argv=None):
             torch.manual_seed(seed)  # auto's random splits: reproducible per case
             t = time.time()
             r = run_case(name, x.to(dtype), q.to(dtype), sx, sq,
-                         auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule, probes=a.probes), bases=bases)
+                         auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule, probes=a.probes,
+                                                extend_edge=a.extend_edge), bases=bases, mults=mults)
             r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, replicate=rep,
                      seconds=time.time() - t)
             rows.append(r)

@@ -43,20 +43,29 @@ from kernels import write_json  # noqa: E402
 
 
 def edge_extension(T, cands, base, se_rule):
-    """Auto's anchor rule on the candidates ``base`` (indices into T (C, M), the anchor first), then: while the
-    choice has the smallest multiple searched so far and a grid with half that multiple exists in ``cands``, the
-    best candidate there replaces the choice if it beats it by more than ``se_rule`` paired SEs. Returns an index."""
+    """Auto's anchor rule on the candidates ``base`` (indices into T (C, M), the anchor first), then the library's
+    edge extension (``autotune.edge_extension``) with ``se_rule``, its candidates looked up in ``cands``.
+    Returns an index into ``cands``."""
     chosen = base[int(autotune.anchor_choice(T[base], se_rule))]
     lowest = min(cands[i][0] for i in base[1:])
-    while cands[chosen][0] == lowest:
-        lower = [i for i, c in enumerate(cands) if i and math.isclose(c[0], lowest / 2)]
-        if not lower:
-            break
-        best = min(lower, key=lambda i: float(T[i].mean()))
-        if int(autotune.anchor_choice(torch.stack([T[chosen], T[best]]), se_rule)) == 0:
-            break
-        chosen, lowest = best, lowest / 2
-    return chosen
+    floor = min(c[0] for c in cands[1:])
+
+    def index(mult, knob):
+        return next((i for i, c in enumerate(cands) if i and math.isclose(c[0], mult)
+                     and (c[1] is None or math.isclose(c[1], knob))), None)
+
+    def score(mult, knob):  # a candidate missing from the grid never wins
+        i = index(float(mult), None if knob is None else float(knob))
+        return torch.full_like(T[0], float("inf")) if i is None else T[i]
+
+    mult, knob = cands[chosen]
+    values = sorted({c[1] for c in cands[1:]}, key=lambda v: (v is None, v))
+    out = autotune.edge_extension(score, dict(terms=T[chosen], mult=torch.tensor(float(mult), dtype=T.dtype),
+                                              knob=None if knob is None else torch.tensor(float(knob), dtype=T.dtype)),
+                                  lowest, values, se_rule=se_rule, floor=floor)
+    if float(out["mult"]) == float(mult) and (knob is None or float(out["knob"]) == float(knob)):
+        return chosen
+    return index(float(out["mult"]), None if out["knob"] is None else float(out["knob"]))
 
 
 def evaluate(draws, cands, base, se_rule):

@@ -55,6 +55,14 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert all(0 < row[k] < 10 for k in ("default_out", "auto_in", "auto_out", "oracle_out"))
 
 
+def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
+    data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "landweber", "--distributions", "rings",
+                 "--extend-edge"], tmp_path)
+    assert data["bandwidth_mults"] == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
+    for row in data["rows"]:  # the oracle still searches every candidate auto can reach
+        assert 0 < row["oracle_in"] <= min(row["default_in"], row["auto_in"]) * (1 + 1e-9)
+
+
 def test_accuracy_replicates_are_independent_draws_and_summarised(tmp_path):
     data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--replicates", "2",
                  "--first-replicate", "1"], tmp_path)

@@ -102,8 +102,7 @@ class ScoreEstimator:
             else:
                 gen = None if auto.seed is None else torch.Generator().manual_seed(auto.seed + self._n_fits)
                 self.tuned_ = tune(self, xf, holdout=auto.holdout, folds=auto.folds, repeats=auto.repeats, se_rule=auto.se_rule,
-                                   probes=auto.probes,
-                                   criterion=auto.criterion,
+                                   probes=auto.probes, criterion=auto.criterion, extend_edge=auto.extend_edge,
                                    previous=prev if auto.warm_start else None, generator=gen)
             self._last_tuned = self.tuned_
             self._n_fits += 1
