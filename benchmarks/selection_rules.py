@@ -67,9 +67,10 @@ from kernels import write_json  # noqa: E402
 CRITERIA = ("sure", "loo")
 
 
-def score_draw(name, x, sx, criterion="sure", bandwidth_mults=autotune.BANDWIDTH_MULTS):
+def score_draw(name, x, sx, criterion="sure", bandwidth_mults=autotune.BANDWIDTH_MULTS, knob_values=None):
     """Criterion terms (C, M) and true in-sample errors (C,) of every candidate on one draw, and mean |s|^2; the
-    candidates are ``autotune.fresh_grid`` with ``bandwidth_mults`` (auto's own grid by default)."""
+    candidates are ``autotune.fresh_grid`` with ``bandwidth_mults`` and ``knob_values`` (auto's own grid by
+    default)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     est = steinops.score_estimator(name, bandwidth="auto")
@@ -78,7 +79,7 @@ def score_draw(name, x, sx, criterion="sure", bandwidth_mults=autotune.BANDWIDTH
     med = median_distance(x)
     terms, errors, cache, bases = [], [], {}, {}
     with torch.no_grad():
-        for mult, val in autotune.fresh_grid(est, x.shape[-2], bandwidth_mults):
+        for mult, val in autotune.fresh_grid(est, x.shape[-2], bandwidth_mults, knob_values):
             c = est.candidate(torch.tensor(mult, dtype=x.dtype) * med, torch.tensor(val, dtype=x.dtype))
             terms.append(autotune.sure_terms(c, x, None, cache=cache) if criterion == "sure" else autotune.loo_terms(c, x))
             if spectral_oracle.applies(name, {}):  # the fit's own numbers from one eigh per bandwidth (tested)

@@ -478,6 +478,27 @@ def test_grid_edge_extension(monkeypatch):
     assert row["oracle"] == 0.5 and row["oracle_wide"] == 0.3 and row["auto"] == 0.5 and row["edge"] == 0.5
 
 
+def test_grid_edge_knob_extension(monkeypatch):
+    """The knob extension moves past the grid's weak end only while the choice sits there and the next value wins by
+    more than the SE rule, at the choice's own bandwidth; the wider grids' oracles and the rules are scored apart."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grid_edge
+    cands = [(2.0, 0.3), (0.25, 0.01), (0.25, 0.1), (0.25, 0.003), (0.25, 0.001), (0.5, 0.01), (0.5, 0.003)]
+    noise = torch.randn(300, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    T = torch.stack([noise, noise - 1.0, noise - 0.5, noise - 2.0, noise - 1.9, noise - 0.2, noise - 9.0])
+    grid, extra = (0.01, 0.1), (0.003, 0.001)
+    assert grid_edge.knob_extension(T, cands, 1, grid, extra, 1.0) == 3  # 0.01 -> 0.003; 0.001 does not win
+    T[4] = noise - 3.0
+    assert grid_edge.knob_extension(T, cands, 1, grid, extra, 1.0) == 4  # and on to 0.001
+    assert grid_edge.knob_extension(T, cands, 2, grid, extra, 1.0) == 2  # eta = 0.1 is not the weak end
+    err = torch.tensor([1.0, 0.5, 0.6, 0.4, 0.45, 0.9, 0.1], dtype=torch.float64)
+    base = [0, 1, 2, 5]
+    row = grid_edge.evaluate([dict(T=T, err=err)], cands, base, 1.0, grid, extra)
+    # auto picks (0.25, 0.01) on its grid (the (0.5, 0.003) candidate is off the knob grid: only the widest oracle)
+    assert row["auto"] == 0.5 and row["oracle"] == 0.5 and row["oracle_wide"] == 0.5 and row["oracle_knobs"] == 0.1
+    assert row["edge_knob"] == 0.45 and row["knob_moves"] == 1
+
+
 def test_grid_edge_quick(tmp_path):
     data = _run(["benchmarks/grid_edge.py", "--quick"], tmp_path)
     (row,) = data["rows"]
