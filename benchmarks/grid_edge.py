@@ -12,9 +12,13 @@ exact criterion (``selection_rules.score_draw``) and by the true in-sample error
   searched so far, the best candidate at half that multiple (every knob value) replaces it if it wins by more
   than ``autotune.SURE_SE_RULE`` paired standard errors.
 
+``--extra-knobs`` also extends the knob's grid past its weak end (e.g. eta = 0.003, 0.001 for the SGE): the oracle
+on the wider knob grid, and a knob extension after the edge extension (``knob_extension``).
+
 Ratios are mean errors over the draws; geo-means over cases.
 
     python benchmarks/grid_edge.py --estimator stein --samples 128 --draws 20
+    python benchmarks/grid_edge.py --estimator stein --samples 128 --draws 20 --extra-knobs 0.003 0.001
     python benchmarks/grid_edge.py --quick
 """
 from __future__ import annotations
