@@ -128,15 +128,6 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None, mults=BANDWIDTH_MULTS
                 oracle_out_best=best_out, oracle_by="eigendecomposition" if spectral else "fits")
 
 
-def edge_mults() -> list[float]:
-    """The bandwidth multiples below auto's grid that the edge extension can reach (0.125, 0.0625)."""
-    out, m = [], min(BANDWIDTH_MULTS) / 2
-    while m >= autotune.EDGE_MIN_MULT * (1 - 1e-9):
-        out.append(m)
-        m /= 2
-    return out
-
-
 def replicate(row) -> int:
     return row.get("replicate", 0)
 
@@ -246,7 +237,7 @@ def main(argv=None):
     if a.replicates < 1 or a.first_replicate < 0:
         p.error("--replicates must be >= 1 and --first-replicate >= 0")
     dtype = getattr(torch, a.dtype)
-    mults = sorted(set(BANDWIDTH_MULTS) | set(edge_mults() if a.extend_edge else ()))
+    mults = sorted(set(BANDWIDTH_MULTS) | set(autotune.edge_mults() if a.extend_edge else ()))
     rows, t0 = [], time.time()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

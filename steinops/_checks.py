@@ -77,6 +77,13 @@ def same_dtype(**tensors) -> torch.dtype:
     return first
 
 
+def flag(name: str, value) -> bool:
+    """A True / False option (not 0 / 1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def positive_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")

@@ -135,10 +135,8 @@ class AutoTune:
                  folds: int | None = None, repeats: int | None = None, holdout: float = 0.25,
                  se_rule: float | None = None, probes: int | None = None, extend_edge: bool = False,
                  seed: int | None = None):
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
-        if not isinstance(extend_edge, bool):
-            raise TypeError(f"extend_edge must be True or False, got {extend_edge!r}")
+        _checks.flag("warm_start", warm_start)
+        _checks.flag("extend_edge", extend_edge)
         if isinstance(tune_every, bool) or not isinstance(tune_every, int) or tune_every < 1:
             raise ValueError(f"tune_every must be a positive int, got {tune_every!r}")
         if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 1):
@@ -364,9 +362,25 @@ def _neighbours(grid, value):
 def fresh_grid(est, M: int, bandwidth_mults=BANDWIDTH_MULTS, knob_values=None) -> list[tuple[float, float | None]]:
     """The candidates of a fresh search, (bandwidth multiple, knob value or None), the anchor (the estimator's
     default) first, then ``bandwidth_mults`` x the knob's grid (``knob_values`` overrides ``est.knob_grid(M)``)."""
-    knob = est.knob_is_auto()
-    values = tuple(knob_values) if knob_values is not None else (est.knob_grid(M) if knob else (None,))
-    return [(MEDIAN_FACTOR, est.knob_default(M) if knob else None)] + list(itertools.product(bandwidth_mults, values))
+    default = est.knob_default(M) if est.knob_is_auto() else None
+    return [(MEDIAN_FACTOR, default)] + list(itertools.product(bandwidth_mults, _knob_values(est, M, knob_values)))
+
+
+def _knob_values(est, M: int, knob_values=None) -> tuple:
+    """The knob values a fresh search tries: ``knob_values``, else ``est.knob_grid(M)`` when the knob is tuned,
+    else (None,)."""
+    if knob_values is not None:
+        return tuple(knob_values)
+    return tuple(est.knob_grid(M)) if est.knob_is_auto() else (None,)
+
+
+def edge_mults(lowest: float = min(BANDWIDTH_MULTS), floor: float = EDGE_MIN_MULT) -> list[float]:
+    """The bandwidth multiples the edge extension can reach below ``lowest``: lowest / 2, lowest / 4, ... >= floor."""
+    out, m = [], lowest / 2
+    while m >= floor * (1 - 1e-9):
+        out.append(m)
+        m /= 2
+    return out
 
 
 def anchor_choice(terms: torch.Tensor, se_rule: float) -> torch.Tensor:
@@ -402,9 +416,10 @@ def edge_extension(score, chosen: dict, lowest: float, knob_values, *, se_rule: 
     updated dict (new tensors)."""
     out = dict(chosen)
     at_edge = torch.isclose(out["mult"], torch.full_like(out["mult"], lowest))
-    while bool(at_edge.any()) and lowest / 2 >= floor * (1 - 1e-9):
-        lowest = lowest / 2
-        mult = torch.full_like(out["mult"], lowest)
+    for lower in edge_mults(lowest, floor):
+        if not bool(at_edge.any()):
+            break
+        mult = torch.full_like(out["mult"], lower)
         best = None
         for v in knob_values:
             knob = None if v is None else torch.full_like(out["mult"], float(v))
@@ -467,8 +482,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         previous = None  # a different batch shape: start afresh
     warm = previous is not None
     criterion = _check_criterion(criterion)
-    if not isinstance(extend_edge, bool):
-        raise TypeError(f"extend_edge must be True or False, got {extend_edge!r}")
+    _checks.flag("extend_edge", extend_edge)
     x = x.detach()
     closed_form = has_closed_form_loo_for(est, x)  # then SURE and leave-one-out coincide, exactly
     exact = has_exact_sure_for(est, x)  # SURE without probes (closed form, or the spectral-filter trace)
@@ -521,8 +535,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     choice = dict(terms=pick(terms), mult=pick(torch.stack([c[0] for c in cands])),
                   knob=pick(torch.stack([c[1] for c in cands])) if knob else None)
     if extend_edge and not warm:
-        values = tuple(knob_values) if knob_values is not None else est.knob_grid(M) if knob else (None,)
-        choice = edge_extension(score, choice, min(bandwidth_mults), values)
+        choice = edge_extension(score, choice, min(bandwidth_mults), _knob_values(est, M, knob_values))
     out = {"bandwidth_mult": choice["mult"], "objective": choice["terms"].mean(-1)}
     out["bandwidth"] = out["bandwidth_mult"] * med
     if knob:

@@ -153,9 +153,7 @@ def _pick(solver, xc, curl_free=False):
 
 
 def _check_curl_free(curl_free) -> bool:
-    if not isinstance(curl_free, bool):
-        raise TypeError(f"curl_free must be True or False, got {curl_free!r}")
-    return curl_free
+    return _checks.flag("curl_free", curl_free)
 
 
 def _curl_free_solve(xc, S, h, eta, kernel):
