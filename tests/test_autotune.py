@@ -142,22 +142,46 @@ def test_edge_extension_halves_per_set_while_it_wins():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_extend_edge_lowers_the_error_on_thin_rings(seed):
-    # the rings at sigma = 0.05 want a bandwidth below 0.25 x median: the extension goes there and the in-sample
-    # error against the EXACT score drops (measured 0.74 -> 0.39 and 0.77 -> 0.48 on these draws); on the spiral,
-    # whose choice is inside the grid, nothing changes
+    # the rings at sigma = 0.05 want a bandwidth below 0.25 x median: the extension (the default of
+    # bandwidth="auto" for the SGE) goes there and the in-sample error against the EXACT score drops (measured
+    # 0.74 -> 0.39 and 0.77 -> 0.48 on these draws); on the spiral, whose choice is inside the grid, nothing changes
     rings = get_distribution("rings")
     x = rings.sample(256, 0.05, generator=torch.Generator().manual_seed(seed)).double()
-    plain = steinops.SteinScoreEstimator(bandwidth="auto").fit(x)
-    ext = steinops.SteinScoreEstimator(bandwidth=AutoTune(extend_edge=True)).fit(x)
+    plain = steinops.SteinScoreEstimator(bandwidth=AutoTune(extend_edge=False)).fit(x)
+    ext = steinops.SteinScoreEstimator(bandwidth="auto").fit(x)
     assert float(plain.tuned_["bandwidth_mult"]) == 0.25 and float(ext.tuned_["bandwidth_mult"]) < 0.25
     exact = rings.score(x, 0.05)
     assert relative_fisher_error(ext.scores_, exact) < 0.8 * relative_fisher_error(plain.scores_, exact)
     assert float(ext.tuned_["objective"]) < float(plain.tuned_["objective"])
+    explicit = steinops.SteinScoreEstimator(bandwidth=AutoTune(extend_edge=True)).fit(x).tuned_
+    assert all(torch.equal(ext.tuned_[k], explicit[k]) for k in explicit)
     spiral = get_distribution("spiral")
     y = spiral.sample(256, 0.05, generator=torch.Generator().manual_seed(seed)).double()
-    a = steinops.SteinScoreEstimator(bandwidth="auto").fit(y).tuned_
-    b = steinops.SteinScoreEstimator(bandwidth=AutoTune(extend_edge=True)).fit(y).tuned_
+    a = steinops.SteinScoreEstimator(bandwidth=AutoTune(extend_edge=False)).fit(y).tuned_
+    b = steinops.SteinScoreEstimator(bandwidth="auto").fit(y).tuned_
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extend_edge_default_is_per_estimator(monkeypatch):
+    # None (the default) defers to the estimator: on for the SGE / KEF / Landweber / nu, off for the SSGE, whose
+    # exact SURE gained nothing below the grid; an explicit True / False overrides it
+    assert AutoTune().extend_edge is None
+    assert [steinops.score_estimator(n).extends_edge for n in ("stein", "kef", "landweber", "nu", "ssge")] == \
+        [True, True, True, True, False]
+    seen = []
+    orig = autotune.edge_extension
+
+    def spy(score, choice, *args, **kwargs):
+        seen.append(True)
+        return orig(score, choice, *args, **kwargs)
+
+    monkeypatch.setattr(autotune, "edge_extension", spy)
+    x = get_distribution("rings").sample(64, 0.05, generator=torch.Generator().manual_seed(3)).double()
+    for name, setting, called in [("ssge", None, False), ("ssge", True, True), ("stein", None, True),
+                                  ("stein", False, False)]:
+        seen.clear()
+        tune(steinops.score_estimator(name, bandwidth="auto"), x, extend_edge=setting)
+        assert bool(seen) == called, (name, setting)
 
 
 def _count_fits(monkeypatch):

@@ -127,16 +127,18 @@ class AutoTune:
             up to M = 2048, else 1; repeats None: ``KFOLD_REPEATS`` K-fold partitions on a fresh search with
             4 folds, else 1).
         extend_edge: on a fresh search, halve the bandwidth below the grid while the choice sits at its smallest
-            multiple and the halved one wins by ``EDGE_SE_RULE`` paired SEs (see the module; off by default).
+            multiple and the halved one wins by ``EDGE_SE_RULE`` paired SEs (see the module); None: the
+            estimator's ``extends_edge`` (every estimator but the SSGE).
         seed: seed of the random splits and probes (None: torch's global generator).
     """
 
     def __init__(self, *, warm_start: bool = False, tune_every: int = 1, criterion: str = "auto",
                  folds: int | None = None, repeats: int | None = None, holdout: float = 0.25,
-                 se_rule: float | None = None, probes: int | None = None, extend_edge: bool = False,
+                 se_rule: float | None = None, probes: int | None = None, extend_edge: bool | None = None,
                  seed: int | None = None):
         _checks.flag("warm_start", warm_start)
-        _checks.flag("extend_edge", extend_edge)
+        if extend_edge is not None:
+            _checks.flag("extend_edge", extend_edge)
         if isinstance(tune_every, bool) or not isinstance(tune_every, int) or tune_every < 1:
             raise ValueError(f"tune_every must be a positive int, got {tune_every!r}")
         if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 1):
@@ -443,7 +445,7 @@ def edge_extension(score, chosen: dict, lowest: float, knob_values, *, se_rule: 
 def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = None, repeats: int | None = None,
          bandwidth_mults=BANDWIDTH_MULTS, knob_values=None, previous: dict | None = None,
          se_rule: float | None = None, criterion: str = "auto", probes: int | None = None,
-         extend_edge: bool = False, generator: torch.Generator | None = None):
+         extend_edge: bool | None = None, generator: torch.Generator | None = None):
     """Choose the bandwidth (a multiple of the median distance) and the estimator's knob per sample set.
 
     Args:
@@ -466,7 +468,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         se_rule: the best candidate must beat the anchor by this many standard errors (None: ``LOO_SE_RULE``
             with leave-one-out by refits, ``SURE_SE_RULE`` with SURE, else ``SE_RULE``).
         probes: Rademacher probes of Hutchinson SURE (None: ``SURE_PROBES``).
-        extend_edge: on a fresh search, the edge extension below ``bandwidth_mults`` (module docstring).
+        extend_edge: on a fresh search, the edge extension below ``bandwidth_mults`` (module docstring); None:
+            ``est.extends_edge``.
         generator: of the random splits and probes (None: torch's global generator).
 
     Returns:
@@ -482,7 +485,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         previous = None  # a different batch shape: start afresh
     warm = previous is not None
     criterion = _check_criterion(criterion)
-    _checks.flag("extend_edge", extend_edge)
+    extend_edge = est.extends_edge if extend_edge is None else _checks.flag("extend_edge", extend_edge)
     x = x.detach()
     closed_form = has_closed_form_loo_for(est, x)  # then SURE and leave-one-out coincide, exactly
     exact = has_exact_sure_for(est, x)  # SURE without probes (closed form, or the spectral-filter trace)

@@ -72,6 +72,10 @@ class ScoreEstimator:
     # leave-one-out by refits, unless this is True and the estimator has the exact in-sample SURE on the samples
     # (measured per estimator on benchmarks/accuracy.py; see autotune's module docstring)
     small_search_uses_exact_sure: bool = False
+    # bandwidth="auto": a fresh search whose choice sits at the grid's smallest bandwidth goes on below it
+    # (``autotune.edge_extension``) unless the AutoTune settings say otherwise (measured per estimator on
+    # benchmarks/accuracy.py --extend-edge; see autotune's module docstring)
+    extends_edge: bool = True
 
     def __init__(self, kernel="rbf", *, bandwidth="median", backend: str | None = None):
         self.kernel = get_kernel(kernel)
