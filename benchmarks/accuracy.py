@@ -25,9 +25,11 @@ the per-draw oracles, and the share of single draws within 1.3x.
 
 "kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
-``--extend-edge`` runs auto with the edge extension (``AutoTune(extend_edge=True)``: below 0.25 x median while
-its choice sits there) and widens the oracle's grid by the multiples the extension can reach (0.125, 0.0625), so
-that the oracle still searches every candidate auto can choose.
+Auto runs with the library's settings, so with the edge extension for every estimator that has it on by default
+(``ScoreEstimator.extends_edge``: all but the SSGE; below 0.25 x median while its choice sits there), and for
+those the oracle's grid adds the multiples the extension can reach (0.125, 0.0625), so that the oracle still
+searches every candidate auto can choose. ``--extend-edge off`` runs auto without it (``AutoTune(extend_edge=
+False)``, the oracle on 0.25-4 x median), ``on`` with it for every estimator.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -63,6 +65,7 @@ DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons"
                  "sphere"]
 # "name:curl_free" runs a kscore estimator with the curl-free kernel
 VARIANTS = sorted(ESTIMATORS) + ["kef:curl_free"]
+EXTEND_EDGE = {"default": None, "on": True, "off": False}  # --extend-edge: AutoTune(extend_edge=...)
 
 
 def parse_variant(variant: str):
@@ -70,6 +73,12 @@ def parse_variant(variant: str):
     if name not in ESTIMATORS or opt not in ("", "curl_free"):
         raise ValueError(f"unknown estimator {variant!r}; registered: {sorted(ESTIMATORS)} (optionally ':curl_free')")
     return name, ({"curl_free": True} if opt else {})
+
+
+def extends_edge(variant: str, setting: bool | None) -> bool:
+    """Whether auto runs the edge extension for this estimator: ``setting``, or None for its default."""
+    name, kw = parse_variant(variant)
+    return steinops.score_estimator(name, **kw).extends_edge if setting is None else setting
 
 
 def fisher(est: torch.Tensor, exact: torch.Tensor) -> float:
@@ -218,8 +227,9 @@ def main(argv=None):
     p.add_argument("--probes", type=int, default=None,
                    help="Rademacher probes of auto's Hutchinson trace (SURE without an exact trace: curl-free "
                         f"kernels, d > {EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
-    p.add_argument("--extend-edge", action="store_true",
-                   help="auto with AutoTune(extend_edge=True); the oracle's grid adds the multiples it can reach")
+    p.add_argument("--extend-edge", choices=list(EXTEND_EDGE), default="default",
+                   help="auto's edge extension: the estimator's default (all but the SSGE extend), on or off for "
+                        "every estimator; where on, the oracle's grid adds the multiples it can reach")
     p.add_argument("--quick", action="store_true", help="smoke test: two_mode, M = 48 (leave-one-out by refits still runs), sigma = 0.5, 64 queries")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "accuracy.json"))
     p.add_argument("--summarize", metavar="JSON", help="print the summary table of a results file and exit")
@@ -237,14 +247,16 @@ def main(argv=None):
     if a.replicates < 1 or a.first_replicate < 0:
         p.error("--replicates must be >= 1 and --first-replicate >= 0")
     dtype = getattr(torch, a.dtype)
-    mults = sorted(set(BANDWIDTH_MULTS) | set(autotune.edge_mults() if a.extend_edge else ()))
+    extend_edge = EXTEND_EDGE[a.extend_edge]
+    wide = sorted(set(BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # the oracle's grid where auto extends
     rows, t0 = [], time.time()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows):  # after every case, atomically: a stopped run keeps what it measured
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=mults, rows=rows,
+        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS,
+                                       edge_mults=list(autotune.edge_mults()), rows=rows,
                                        machine=platform.processor() or platform.machine(),
                                        torch=torch.__version__, seconds=time.time() - t0), indent=1))
         os.replace(tmp, out)
@@ -263,11 +275,13 @@ def main(argv=None):
         for name in a.estimators:
             torch.manual_seed(seed)  # auto's random splits: reproducible per case
             t = time.time()
+            extends = extends_edge(name, extend_edge)
             r = run_case(name, x.to(dtype), q.to(dtype), sx, sq,
                          auto=autotune.AutoTune(criterion=a.criterion, se_rule=a.se_rule, probes=a.probes,
-                                                extend_edge=a.extend_edge), bases=bases, mults=mults)
+                                                extend_edge=extend_edge), bases=bases,
+                         mults=wide if extends else BANDWIDTH_MULTS)
             r.update(estimator=name, distribution=dname, M=M, sigma=sigma, d=dist.dim, replicate=rep,
-                     seconds=time.time() - t)
+                     extend_edge=extends, seconds=time.time() - t)
             rows.append(r)
             print(f"{name:14} {dname:16} {M:5d} {sigma:5.2f} {rep:4d} | {r['default_in']:10.4f} {r['default_out']:7.4f} | "
                   f"{r['auto_in']:8.4f} {r['auto_out']:7.4f} | {r['oracle_in']:9.4f} {r['oracle_out']:7.4f} | "

@@ -56,11 +56,16 @@ def test_accuracy_benchmark_quick(tmp_path):
 
 
 def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
-    data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "landweber", "--distributions", "rings",
-                 "--extend-edge"], tmp_path)
-    assert data["bandwidth_mults"] == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
+    data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "ssge"],
+                tmp_path)
+    assert data["bandwidth_mults"] == [0.25, 0.5, 1.0, 2.0, 4.0] and data["edge_mults"] == [0.125, 0.0625]
+    # by default the SGE extends below the grid (and its oracle searches there too), the SSGE does not
+    assert [r["extend_edge"] for r in data["rows"]] == [True, False]
     for row in data["rows"]:  # the oracle still searches every candidate auto can reach
         assert 0 < row["oracle_in"] <= min(row["default_in"], row["auto_in"]) * (1 + 1e-9)
+    off = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--extend-edge", "off"], tmp_path)
+    on = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "ssge", "--extend-edge", "on"], tmp_path)
+    assert off["rows"][0]["extend_edge"] is False and on["rows"][0]["extend_edge"] is True
 
 
 def test_accuracy_replicates_are_independent_draws_and_summarised(tmp_path):
