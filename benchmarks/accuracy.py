@@ -109,13 +109,24 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None, mults=BANDWIDTH_MULTS
                                               return_choice=True)
     # the oracle: the same candidates as "auto" (the default, then bandwidth multiples x the knob grid),
     # chosen by the in-sample error against the EXACT score
+    grid = oracle(variant, x, q, sx, sq, bases=bases, mults=mults)
+    best = min([(default_in, default_out, {"default": True})] + grid["best"], key=lambda b: b[0])
+    return dict(default_in=default_in, default_out=default_out, auto_in=auto_in, auto_out=auto_out,
+                auto_params=auto_params, oracle_in=best[0], oracle_out=best[1], oracle_params=best[2],
+                oracle_out_best=min(default_out, grid["out_best"]), oracle_by=grid["by"])
+
+
+def oracle(variant, x, q, sx, sq, bases=None, mults=BANDWIDTH_MULTS) -> dict:
+    """The best candidate on the grid ``mults`` x the knob grid by the in-sample error against the exact score:
+    ``best`` [(in-sample error, out-of-sample error, params)] (empty if no candidate is valid), ``out_best`` the
+    least out-of-sample error on the grid, ``by`` "eigendecomposition" or "fits" (``bases``: as ``run_case``)."""
+    name, base_kw = parse_variant(variant)
     proto = steinops.score_estimator(name, **base_kw)
     knob = proto.knob if proto.knob_is_auto() else None
     values = proto.knob_grid(x.shape[-2]) if knob else [None]
     med = float(median_distance(x))
     spectral = bases is not None and spectral_oracle.applies(name, base_kw)
-    best = (default_in, default_out, {"default": True})
-    best_out = default_out
+    best, best_out = [], float("inf")
     for mult, val in itertools.product(mults, values):
         kw = {**base_kw, "bandwidth": mult * med, **({knob: val} if knob else {})}
         try:
@@ -130,11 +141,9 @@ def run_case(variant, x, q, sx, sq, auto=None, bases=None, mults=BANDWIDTH_MULTS
         except ValueError:
             continue
         best_out = min(best_out, e_out)
-        if e_in < best[0]:
-            best = (e_in, e_out, {"bandwidth_mult": mult, **({knob: val} if knob else {})})
-    return dict(default_in=default_in, default_out=default_out, auto_in=auto_in, auto_out=auto_out,
-                auto_params=auto_params, oracle_in=best[0], oracle_out=best[1], oracle_params=best[2],
-                oracle_out_best=best_out, oracle_by="eigendecomposition" if spectral else "fits")
+        if not best or e_in < best[0][0]:
+            best = [(e_in, e_out, {"bandwidth_mult": mult, **({knob: val} if knob else {})})]
+    return dict(best=best, out_best=best_out, by="eigendecomposition" if spectral else "fits")
 
 
 def replicate(row) -> int:
