@@ -68,6 +68,34 @@ def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
     assert off["rows"][0]["extend_edge"] is False and on["rows"][0]["extend_edge"] is True
 
 
+def test_accuracy_widen_oracle_matches_a_run_with_the_extension(tmp_path):
+    # rows measured without the extension whose auto choice lies inside the grid: widening only the oracle gives
+    # the rows a run with the library's default gives (auto unchanged by construction, the oracle on the wider grid)
+    names = ["stein", "landweber", "ssge"]
+    off = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names, "--extend-edge", "off"], tmp_path)
+    at_edge = dict(off["rows"][0], auto_params={"bandwidth_mult": 0.25, "eta": 0.1}, replicate=7)
+    src = tmp_path / "off.json"
+    src.write_text(json.dumps(dict(off, rows=off["rows"] + [at_edge])))
+    wide = _run(["benchmarks/accuracy.py", "--widen-oracle", str(src), "--samples", "48", "--sigmas", "0.5",
+                 "--queries", "64"], tmp_path)
+    ref = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names], tmp_path)["rows"]
+    assert [r["estimator"] for r in wide["rows"]] == ["stein", "landweber"]  # the SSGE does not extend
+    assert wide["needs_full_run"] == ["stein two_mode M=48 sigma=0.5 draw 7"]
+    for w in wide["rows"]:
+        r = next(r for r in ref if r["estimator"] == w["estimator"])
+        assert r["auto_params"]["bandwidth_mult"] > 0.25 and w["extend_edge"] and w["oracle_widened"]
+        for k in ("default_in", "auto_in", "auto_out", "oracle_in", "oracle_out", "oracle_out_best"):
+            assert w[k] == pytest.approx(r[k], rel=1e-12), k
+        assert w["oracle_params"] == r["oracle_params"]
+    bad = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--extend-edge", "off", "--seed", "5"],
+               tmp_path)
+    src.write_text(json.dumps(dict(bad, rows=[dict(bad["rows"][0], replicate=0)])))
+    res = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--widen-oracle", str(src), "--samples", "48",
+                          "--sigmas", "0.5", "--queries", "64", "--out", str(tmp_path / "x.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "another draw" in res.stderr  # a row from another draw is refused
+
+
 def test_accuracy_replicates_are_independent_draws_and_summarised(tmp_path):
     data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--replicates", "2",
                  "--first-replicate", "1"], tmp_path)
