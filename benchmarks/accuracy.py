@@ -235,7 +235,7 @@ def widen_oracle(a):
     run and are listed."""
     src = json.loads(Path(a.widen_oracle).read_text())
     dtype, edge = getattr(torch, a.dtype), autotune.edge_mults()
-    rows, rerun = [], []
+    rows, rerun, t0 = [], [], time.time()
     for row in src["rows"]:
         name = row["estimator"]
         if (row.get("extend_edge") or not extends_edge(name, None) or name not in a.estimators
@@ -264,7 +264,7 @@ def widen_oracle(a):
         print(f"{name:14} {row['distribution']:16} {row['M']:5d} {row['sigma']:5.2f} {replicate(row):4d} | oracle "
               f"{row['oracle_in']:.4f} -> {new['oracle_in']:.4f} {new['oracle_params']}", flush=True)
     Path(a.out).write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge),
-                                           rows=rows, needs_full_run=rerun), indent=1))
+                                           rows=rows, needs_full_run=rerun, seconds=time.time() - t0), indent=1))
     print(f"{len(rows)} rows widened; {len(rerun)} at the grid's edge need a full run" +
           (": " + "; ".join(rerun) if rerun else "") + f"\nwrote {a.out}")
 
