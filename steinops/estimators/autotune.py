@@ -63,19 +63,20 @@ the two-mode toy at M = 1024; ``LOO_SE_RULE`` = 0, plain argmin, for leave-one-o
 kept the SSGE's default 1.7x and 1.9x worse on the moons and the spiral at M = 128; ``SURE_SE_RULE`` for
 the other SURE). These rules were chosen on ``benchmarks/accuracy.py``, the benchmark the target is judged on.
 
-Edge extension (``extend_edge=True``, opt-in). On thin structures at small noise (the rings, the curves) the
-best bandwidth can lie below the grid's smallest multiple, and then auto and the oracle both sit on the edge. With
-the extension, a fresh search whose choice has the smallest multiple searched so far also scores that multiple
-halved (every knob value), and the best of those replaces the choice when it is better by more than
-``EDGE_SE_RULE`` paired standard errors; repeated down to ``EDGE_MIN_MULT``. On ``benchmarks/accuracy.py
---extend-edge`` (the same draws, the oracle's grid widened to 1/16-4 x median; mean in-sample error over the
-draws against auto without it, geo-mean over the 9 distributions at sigma = 0.1): at M = 128 (10 draws) the
-SGE / KEF 0.978 (rings 0.837), Landweber 0.973 (rings 0.768), nu 0.988 (rings 0.893, by leave-one-out); at
-M = 1024 (5 draws) the SGE 0.964 (rings 0.704; worst the checkerboard, 1.019), Landweber 0.883 (rings 0.327),
-nu 0.917 (rings 0.459); at sigma = 0.5 (M = 128) no choice changed. Auto's ratio to the (wider) oracle stays as
-it was (e.g. the SGE at M = 1024: 1.121 against 1.105). On the exact criterion the SSGE gained nothing
-(``benchmarks/grid_edge.py``: 1.019). It is off by default until the accuracy benchmark's M = 8192 rows are
-re-run with it (their oracle searches auto's grid).
+Edge extension (``extend_edge``; on by default for every estimator but the SSGE: ``ScoreEstimator.extends_edge``).
+On thin structures at small noise (the rings, the curves) the best bandwidth can lie below the grid's smallest
+multiple, and then a search on the grid sits on its edge. With the extension, a fresh search whose choice has
+the smallest multiple searched so far also scores that multiple halved (every knob value), and the best of those
+replaces the choice when it is better by more than ``EDGE_SE_RULE`` paired standard errors; repeated down to
+``EDGE_MIN_MULT``. Searching 1/16-4 x median outright instead made the SGE 1.13x worse at M = 128 (small
+bandwidths have the noisiest criterion; ``benchmarks/grid_edge.py``). On ``benchmarks/accuracy.py`` (the oracle's
+grid widened to 1/16-4 x median; mean in-sample error over 10 draws against auto without it, geo-mean over the 9
+distributions at sigma = 0.1): at M = 128 the SGE / KEF 0.978 (rings 0.837), Landweber 0.973 (rings 0.768), nu
+0.988 (rings 0.893); at M = 1024 the SGE / KEF 0.955 (rings 0.653; worst the checkerboard, 1.009), Landweber
+0.879 (rings 0.313), nu 0.913 (rings 0.443); at M = 8192 (one draw) the SGE's error on the rings, the
+checkerboard and eight_gaussians fell to 0.48, 0.64 and 0.83 of auto's without it. At sigma = 0.5 no choice
+changed. Auto's ratio to the (wider) oracle stays as it was (the SGE at M = 1024: 1.084 against 1.074). The
+SSGE gained nothing on its exact criterion (``grid_edge.py``: 1.019x), so it does not extend.
 
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
 previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the neighbouring
