@@ -26,7 +26,7 @@ the per-draw oracles, and the share of single draws within 1.3x.
 "kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
 Auto runs with the library's settings, so with the edge extension for every estimator that has it on by default
-(``ScoreEstimator.extends_edge``: all but the SSGE; below 0.25 x median while its choice sits there), and for
+(``ScoreEstimator.extends_edge``: every estimator; below 0.25 x median while its choice sits there), and for
 those the oracle's grid adds the multiples the extension can reach (0.125, 0.0625), so that the oracle still
 searches every candidate auto can choose. ``--extend-edge off`` runs auto without it (``AutoTune(extend_edge=
 False)``, the oracle on 0.25-4 x median), ``on`` with it for every estimator.
@@ -290,7 +290,7 @@ def main(argv=None):
                    help="Rademacher probes of auto's Hutchinson trace (SURE without an exact trace: curl-free "
                         f"kernels, d > {EXACT_SURE_MAX_D}; default {autotune.SURE_PROBES})")
     p.add_argument("--extend-edge", choices=list(EXTEND_EDGE), default="default",
-                   help="auto's edge extension: the estimator's default (all but the SSGE extend), on or off for "
+                   help="auto's edge extension: the estimator's default (all extend), on or off for "
                         "every estimator; where on, the oracle's grid adds the multiples it can reach")
     p.add_argument("--widen-oracle", metavar="JSON",
                    help="rows of an earlier run whose auto ran without the edge extension and chose inside the "

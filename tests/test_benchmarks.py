@@ -59,13 +59,13 @@ def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
     data = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "ssge"],
                 tmp_path)
     assert data["bandwidth_mults"] == [0.25, 0.5, 1.0, 2.0, 4.0] and data["edge_mults"] == [0.125, 0.0625]
-    # by default the SGE extends below the grid (and its oracle searches there too), the SSGE does not
-    assert [r["extend_edge"] for r in data["rows"]] == [True, False]
+    # by default every estimator extends below the grid (and its oracle searches there too)
+    assert [r["extend_edge"] for r in data["rows"]] == [True, True]
     for row in data["rows"]:  # the oracle still searches every candidate auto can reach
         assert 0 < row["oracle_in"] <= min(row["default_in"], row["auto_in"]) * (1 + 1e-9)
-    off = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--extend-edge", "off"], tmp_path)
+    off = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "ssge", "--extend-edge", "off"], tmp_path)
     on = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "ssge", "--extend-edge", "on"], tmp_path)
-    assert off["rows"][0]["extend_edge"] is False and on["rows"][0]["extend_edge"] is True
+    assert [r["extend_edge"] for r in off["rows"]] == [False, False] and on["rows"][0]["extend_edge"] is True
 
 
 def test_accuracy_widen_oracle_matches_a_run_with_the_extension(tmp_path):
@@ -79,7 +79,7 @@ def test_accuracy_widen_oracle_matches_a_run_with_the_extension(tmp_path):
     wide = _run(["benchmarks/accuracy.py", "--widen-oracle", str(src), "--samples", "48", "--sigmas", "0.5",
                  "--queries", "64"], tmp_path)
     ref = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names], tmp_path)["rows"]
-    assert [r["estimator"] for r in wide["rows"]] == ["stein", "landweber"]  # the SSGE does not extend
+    assert [r["estimator"] for r in wide["rows"]] == names  # all three extend by default
     assert wide["needs_full_run"] == ["stein two_mode M=48 sigma=0.5 draw 7"]
     for w in wide["rows"]:
         r = next(r for r in ref if r["estimator"] == w["estimator"])

@@ -123,9 +123,6 @@ class SpectralScoreEstimator(ScoreEstimator):
     # with the anchor rule gave 1.13x against 1.16x (draws 0-9), 1.22x against 1.27x (10-19), 1.14x against 1.32x
     # (20-29, sigma = 0.1); the 90 rows of one window took 7 s instead of 451 s
     small_search_uses_exact_sure = True
-    # below the grid's edge the SSGE's exact SURE gained nothing (benchmarks/grid_edge.py, M = 128: 1.019x its
-    # error without the extension)
-    extends_edge = False
 
     def knob_grid(self, M):
         return EIG_MASS_GRID
