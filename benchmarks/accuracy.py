@@ -25,10 +25,10 @@ the per-draw oracles, and the share of single draws within 1.3x.
 
 "kef:curl_free" (or landweber / nu) runs the estimator with the curl-free kernel.
 
-Auto runs with the library's settings, so with the edge extension for every estimator that has it on by default
-(``ScoreEstimator.extends_edge``: every estimator; below 0.25 x median while its choice sits there), and for
-those the oracle's grid adds the multiples the extension can reach (0.125, 0.0625), so that the oracle still
-searches every candidate auto can choose. ``--extend-edge off`` runs auto without it (``AutoTune(extend_edge=
+Auto runs with the library's settings, so with the edge extension where the estimator's ``extends_edge`` is on
+(every estimator here; below 0.25 x median while its choice sits there), and there the oracle's grid adds the
+multiples the extension can reach (0.125, 0.0625), so that the oracle still searches every candidate auto can
+choose. ``--extend-edge off`` runs auto without it (``AutoTune(extend_edge=
 False)``, the oracle on 0.25-4 x median), ``on`` with it for every estimator.
 
 Prints a table and writes JSON (``--out``).
