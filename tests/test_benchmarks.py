@@ -68,6 +68,30 @@ def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
     assert [r["extend_edge"] for r in off["rows"]] == [False, False] and on["rows"][0]["extend_edge"] is True
 
 
+def test_accuracy_widen_oracle_for_the_knob_extension(tmp_path):
+    # rows measured without the knob extension whose auto knob is not the grid's least-regularised value: widening
+    # only the oracle (every multiple x knob_edge_values) gives the rows of a run with the library's default; a row
+    # at eta = 0.01 needs a full run; estimators without the knob extension are left alone
+    names = ["stein", "kef", "landweber"]
+    off = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names, "--extend-knob", "off"], tmp_path)
+    assert [r["extend_knob"] for r in off["rows"]] == [False, False, False]
+    at_edge = dict(off["rows"][0], auto_params={"bandwidth_mult": 1.0, "eta": 0.01}, replicate=7)
+    src = tmp_path / "off.json"
+    src.write_text(json.dumps(dict(off, rows=off["rows"] + [at_edge])))
+    wide = _run(["benchmarks/accuracy.py", "--widen-oracle", str(src), "--samples", "48", "--sigmas", "0.5",
+                 "--queries", "64"], tmp_path)
+    ref = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names], tmp_path)["rows"]
+    assert [r["extend_knob"] for r in ref] == [True, True, False]
+    assert [r["estimator"] for r in wide["rows"]] == ["stein", "kef"]
+    assert wide["needs_full_run"] == ["stein two_mode M=48 sigma=0.5 draw 7"]
+    for w in wide["rows"]:
+        r = next(r for r in ref if r["estimator"] == w["estimator"])
+        assert w["extend_knob"] and w["oracle_widened"]
+        for k in ("default_in", "auto_in", "auto_out", "oracle_in", "oracle_out", "oracle_out_best"):
+            assert w[k] == pytest.approx(r[k], rel=1e-12), k
+        assert w["oracle_params"] == pytest.approx(r["oracle_params"])
+
+
 def test_accuracy_widen_oracle_matches_a_run_with_the_extension(tmp_path):
     # rows measured without the extension whose auto choice lies inside the grid: widening only the oracle gives
     # the rows a run with the library's default gives (auto unchanged by construction, the oracle on the wider grid)

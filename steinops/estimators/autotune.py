@@ -80,6 +80,23 @@ SSGE extends since 2026-12-07 (off before: at M = 128 it gains nothing, 1.009x o
 moons 1.088x; but at M = 1024 its error on the rings is 0.304x that without the extension over 10 draws, every
 other case unchanged; at M = 8192 on the rings, one draw, 0.776 -> 0.065).
 
+Knob extension (``extend_knob``; on by default for the SGE and KEF with a diagonal kernel:
+``ScoreEstimator.extends_knob_edge``, values ``knob_edge_values``: eta 0.003 then 0.001, KEF's lam = eta / M).
+Data near a low-dimensional set (a mixture on a 2-d subspace of R^10) wants less ridge than the grid's smallest
+eta = 0.01, with a wider bandwidth. A fresh search whose choice has the grid's least-regularised value also
+scores the next value past it at every bandwidth multiple (and the choice's own), and moves there when that wins
+by ``EDGE_SE_RULE`` paired standard errors; then the next. On ``benchmarks/accuracy.py`` (10 draws; auto's mean
+in-sample error against auto's without it) subspace_gmm falls to 0.640x at M = 128 and 0.724x at M = 1024 and the
+sphere to 0.946x at M = 128; every other case of the 12 at M = 128 and of the 9 + 3 at M = 1024 is unchanged (their
+choices sit inside the grid, or the extension's candidates do not win). The oracle's grid then includes these
+values, and where auto's choice sits inside the grid the wider oracle can expose a miss it could not see before
+(the rings at sigma = 0.5, M = 128: 1.42x -> 1.70x, the sphere at M = 128: 1.03x -> 1.23x, auto unchanged or
+better). Searching eta in 0.001-3 outright instead was mixed: 0.975x the extension's error at M = 128 (geo-mean of
+12 cases, 10 draws; the sphere 0.815x, the rings at sigma = 0.5 0.887x, but the 2-D gmm 1.070x and the rings at
+sigma = 0.1 1.044x) and 1.068x on the rings at sigma = 0.5, M = 1024 (5 draws; 5 other cases identical). Landweber
+and nu are not extended (their iteration count grows as 1 / lam), nor the SSGE (eig_mass 0.9999 was measured
+and not adopted), nor curl-free KEF (its refits).
+
 Warm start (``previous=``, for training loops that refit at every step): only the neighbourhood of the
 previous choice is searched, per sample set (bandwidth multiple x {1/sqrt 2, 1, sqrt 2}, the neighbouring
 knob values on the grid), anchored at the previous choice, with the closed form or SURE (criterion "auto"),
@@ -132,16 +149,21 @@ class AutoTune:
         extend_edge: on a fresh search, halve the bandwidth below the grid while the choice sits at its smallest
             multiple and the halved one wins by ``EDGE_SE_RULE`` paired SEs (see the module); None: the
             estimator's ``extends_edge`` (True for every estimator here).
+        extend_knob: on a fresh search, go on past the knob grid's least-regularised end (``knob_edge_values``)
+            while the choice sits there and the next value wins by ``EDGE_SE_RULE`` paired SEs (see the module);
+            None: the estimator's ``extends_knob_edge`` (the SGE and KEF with a diagonal kernel).
         seed: seed of the random splits and probes (None: torch's global generator).
     """
 
     def __init__(self, *, warm_start: bool = False, tune_every: int = 1, criterion: str = "auto",
                  folds: int | None = None, repeats: int | None = None, holdout: float = 0.25,
                  se_rule: float | None = None, probes: int | None = None, extend_edge: bool | None = None,
-                 seed: int | None = None):
+                 extend_knob: bool | None = None, seed: int | None = None):
         _checks.flag("warm_start", warm_start)
         if extend_edge is not None:
             _checks.flag("extend_edge", extend_edge)
+        if extend_knob is not None:
+            _checks.flag("extend_knob", extend_knob)
         if isinstance(tune_every, bool) or not isinstance(tune_every, int) or tune_every < 1:
             raise ValueError(f"tune_every must be a positive int, got {tune_every!r}")
         if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 1):
@@ -152,7 +174,7 @@ class AutoTune:
             raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
         if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
             raise ValueError(f"probes must be None or a positive int, got {probes!r}")
-        self.repeats, self.probes, self.extend_edge = repeats, probes, extend_edge
+        self.repeats, self.probes, self.extend_edge, self.extend_knob = repeats, probes, extend_edge, extend_knob
         self.se_rule = _check_se_rule(se_rule)
         self.criterion = _check_criterion(criterion)
         self.warm_start, self.tune_every, self.folds, self.holdout, self.seed = warm_start, tune_every, folds, holdout, seed
@@ -160,7 +182,8 @@ class AutoTune:
     def __repr__(self):
         return (f"AutoTune(warm_start={self.warm_start}, tune_every={self.tune_every}, criterion={self.criterion!r}, "
                 f"folds={self.folds}, repeats={self.repeats}, probes={self.probes}, "
-                f"holdout={self.holdout}, se_rule={self.se_rule}, extend_edge={self.extend_edge}, seed={self.seed})")
+                f"holdout={self.holdout}, se_rule={self.se_rule}, extend_edge={self.extend_edge}, "
+                f"extend_knob={self.extend_knob}, seed={self.seed})")
 
 
 def _check_se_rule(se_rule) -> float | None:
@@ -445,10 +468,47 @@ def edge_extension(score, chosen: dict, lowest: float, knob_values, *, se_rule: 
     return out
 
 
+def knob_extension(score, chosen: dict, mults, lowest: float, edge_values, *, se_rule: float = EDGE_SE_RULE) -> dict:
+    """The knob extension of a fresh search (module docstring), per sample set.
+
+    ``chosen`` as for ``edge_extension`` (``knob`` a tensor (...)); ``mults`` the bandwidth multiples of the
+    grid; ``lowest`` the grid's least-regularised knob value and ``edge_values`` the values past it, in order.
+    While a set's choice has the last value tried, the best candidate at the next value (over ``mults`` and the
+    choice's own multiple, which the edge extension may have put below the grid) replaces it where it is better
+    by more than ``se_rule`` paired standard errors. Returns the updated dict (new tensors)."""
+    out = dict(chosen)
+    at_edge = torch.isclose(out["knob"], torch.full_like(out["knob"], lowest))
+    for value in edge_values:
+        if not bool(at_edge.any()):
+            break
+        knob = torch.full_like(out["knob"], float(value))
+        own = out["mult"]
+        tries = [torch.full_like(own, float(m)) for m in mults]
+        if not any(bool(torch.isclose(own, t).all()) for t in tries):
+            tries.append(own)  # the choice's multiple is off the grid for some set
+        best = None
+        for mult in tries:
+            t = score(mult, knob)
+            t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf")))
+            if best is None:
+                best = dict(terms=t, mult=mult)
+            else:
+                better = t.mean(-1) < best["terms"].mean(-1)
+                best = dict(terms=torch.where(better[..., None], t, best["terms"]),
+                            mult=torch.where(better, mult, best["mult"]))
+        gain, se = paired_gain(best["terms"], out["terms"])
+        take = at_edge & torch.isfinite(gain) & (gain < -se_rule * se)
+        out = dict(terms=torch.where(take[..., None], best["terms"], out["terms"]),
+                   mult=torch.where(take, best["mult"], out["mult"]), knob=torch.where(take, knob, out["knob"]))
+        at_edge = take
+    return out
+
+
 def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = None, repeats: int | None = None,
          bandwidth_mults=BANDWIDTH_MULTS, knob_values=None, previous: dict | None = None,
          se_rule: float | None = None, criterion: str = "auto", probes: int | None = None,
-         extend_edge: bool | None = None, generator: torch.Generator | None = None):
+         extend_edge: bool | None = None, extend_knob: bool | None = None,
+         generator: torch.Generator | None = None):
     """Choose the bandwidth (a multiple of the median distance) and the estimator's knob per sample set.
 
     Args:
@@ -473,6 +533,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
         probes: Rademacher probes of Hutchinson SURE (None: ``SURE_PROBES``).
         extend_edge: on a fresh search, the edge extension below ``bandwidth_mults`` (module docstring); None:
             ``est.extends_edge``.
+        extend_knob: on a fresh search, the knob extension past the grid's least-regularised value (module
+            docstring); None: ``est.extends_knob_edge``.
         generator: of the random splits and probes (None: torch's global generator).
 
     Returns:
@@ -489,6 +551,7 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     warm = previous is not None
     criterion = _check_criterion(criterion)
     extend_edge = est.extends_edge if extend_edge is None else _checks.flag("extend_edge", extend_edge)
+    extend_knob = est.extends_knob_edge if extend_knob is None else _checks.flag("extend_knob", extend_knob)
     x = x.detach()
     closed_form = has_closed_form_loo_for(est, x)  # then SURE and leave-one-out coincide, exactly
     exact = has_exact_sure_for(est, x)  # SURE without probes (closed form, or the spectral-filter trace)
@@ -507,8 +570,11 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
     full = lambda v: torch.full(batch, float(v), dtype=x.dtype, device=x.device)  # noqa: E731
 
     # candidates: (bandwidth multiple (...), knob value (...) or None); the anchor first
-    if warm:
-        knob_sets = _neighbours(est.knob_grid(M), previous[knob]) if knob else [None]
+    if warm:  # the knob's neighbours on its grid, extended where the knob extension can have gone
+        knob_grid = est.knob_grid(M)
+        if extend_knob and est.knob_edge_values(M):
+            knob_grid = sorted(set(knob_grid) | set(est.knob_edge_values(M)))
+        knob_sets = _neighbours(knob_grid, previous[knob]) if knob else [None]
         cands = [(previous["bandwidth_mult"], previous[knob] if knob else None)]
         cands += [(previous["bandwidth_mult"] * s, k) for s, k in itertools.product(WARM_BANDWIDTH_STEPS, knob_sets)]
     else:
@@ -542,6 +608,8 @@ def tune(est, x: torch.Tensor, *, holdout: float = 0.25, folds: int | None = Non
                   knob=pick(torch.stack([c[1] for c in cands])) if knob else None)
     if extend_edge and not warm:
         choice = edge_extension(score, choice, min(bandwidth_mults), _knob_values(est, M, knob_values))
+    if extend_knob and knob and not warm and knob_values is None:
+        choice = knob_extension(score, choice, bandwidth_mults, est.knob_least_regularised(M), est.knob_edge_values(M))
     out = {"bandwidth_mult": choice["mult"], "objective": choice["terms"].mean(-1)}
     out["bandwidth"] = out["bandwidth_mult"] * med
     if knob:

@@ -76,6 +76,9 @@ class ScoreEstimator:
     # (``autotune.edge_extension``) unless the AutoTune settings say otherwise; every estimator here extends (measured
     # per estimator on benchmarks/accuracy.py; see autotune's module docstring)
     extends_edge: bool = True
+    # bandwidth="auto": a fresh search whose choice has the knob grid's least-regularised value goes on past it
+    # through ``knob_edge_values(M)`` (``autotune.knob_extension``) unless the AutoTune settings say otherwise
+    extends_knob_edge: bool = False
 
     def __init__(self, kernel="rbf", *, bandwidth="median", backend: str | None = None):
         self.kernel = get_kernel(kernel)
@@ -107,6 +110,7 @@ class ScoreEstimator:
                 gen = None if auto.seed is None else torch.Generator().manual_seed(auto.seed + self._n_fits)
                 self.tuned_ = tune(self, xf, holdout=auto.holdout, folds=auto.folds, repeats=auto.repeats, se_rule=auto.se_rule,
                                    probes=auto.probes, criterion=auto.criterion, extend_edge=auto.extend_edge,
+                                   extend_knob=auto.extend_knob,
                                    previous=prev if auto.warm_start else None, generator=gen)
             self._last_tuned = self.tuned_
             self._n_fits += 1
@@ -160,6 +164,10 @@ class ScoreEstimator:
     def knob_default(self, M: int) -> float:
         """The knob's value for M samples when it is "auto" and not tuned."""
         raise NotImplementedError
+
+    def knob_edge_values(self, M: int) -> tuple:
+        """Knob values past the grid's least-regularised end, in the order the knob extension tries them."""
+        return ()
 
     def knob_least_regularised(self, M: int) -> float:
         """The least-regularised candidate of ``knob_grid(M)`` (smallest ridge / lam; SSGE: largest eig_mass).

@@ -77,7 +77,7 @@ from ..ops.stein_term import stein_term
 from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
-from .stein import DEFAULT_ETA, ETA_GRID
+from .stein import DEFAULT_ETA, ETA_EDGE, ETA_GRID
 from .spectral_sure import exact_sure_applies, recursion_divided_differences, spectral_sure_terms
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
@@ -241,6 +241,14 @@ class KEFScoreEstimator(_KScoreBase):
 
     def knob_grid(self, M):
         return tuple(v / M for v in ETA_GRID)  # M lam on the SGE's eta grid (in-sample KEF == SGE(M lam))
+
+    @property
+    def extends_knob_edge(self):
+        # as the SGE (their closed-form criterion is the same); the curl-free kernel's (Md)^2 refits are not extended
+        return not self.curl_free
+
+    def knob_edge_values(self, M):
+        return tuple(v / M for v in ETA_EDGE)
 
     def knob_default(self, M):
         return DEFAULT_M_LAM / M  # in-sample KEF == the SGE with eta = M lam: the SGE's default at every M

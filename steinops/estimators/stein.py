@@ -35,6 +35,8 @@ from .base import ScoreEstimator, dense_fits, register
 
 DEFAULT_ETA = 0.3
 ETA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # searched with bandwidth="auto" when eta="auto"
+# past the grid's small end, tried in turn while auto's choice sits there (autotune.knob_extension)
+ETA_EDGE = (0.003, 0.001)
 SOLVERS = ("auto", "cholesky", "cg")
 # preconditioner="auto": the pivoted Cholesky from this many samples on (per set). Below it plain CG needs few
 # (15-40) cheap iterations and the r sequential factor steps cost about what they save. Measured on CPU (estimator
@@ -104,9 +106,13 @@ class SteinScoreEstimator(ScoreEstimator):
         self.precond_rank = check_rank(precond_rank, "precond_rank")
 
     knob = "eta"
+    extends_knob_edge = True
 
     def knob_grid(self, M):
         return ETA_GRID
+
+    def knob_edge_values(self, M):
+        return ETA_EDGE
 
     def knob_default(self, M):
         return DEFAULT_ETA
