@@ -249,17 +249,25 @@ def widen_oracle(a):
     src = json.loads(Path(a.widen_oracle).read_text())
     dtype, edge = getattr(torch, a.dtype), autotune.edge_mults()
     rows, rerun, t0 = [], [], time.time()
+    out = Path(a.out)
+
+    def save():  # after every row, atomically: a stopped run keeps what it widened
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge),
+                                       rows=rows, needs_full_run=rerun, seconds=time.time() - t0), indent=1))
+        os.replace(tmp, out)
+
     for row in src["rows"]:
         name = row["estimator"]
         if (name not in a.estimators or row["distribution"] not in a.distributions or row["M"] not in a.samples
                 or row["sigma"] not in a.sigmas):
             continue
-        need_edge = extends_edge(name, None) and not row.get("extend_edge")
-        need_knob = extends_knob(name, None) and not row.get("extend_knob")
+        extends, knob_ext = extends_edge(name, None), extends_knob(name, None)
+        need_edge, need_knob = extends and not row.get("extend_edge"), knob_ext and not row.get("extend_knob")
         if not (need_edge or need_knob):
             continue
-        pname, pkw = parse_variant(name)
-        proto = steinops.score_estimator(pname, **pkw)
+        parsed = parse_variant(name)
+        proto = steinops.score_estimator(parsed[0], **parsed[1])
         starts = ((need_edge and row["auto_params"].get("bandwidth_mult") == min(BANDWIDTH_MULTS))
                   or (need_knob and math.isclose(row["auto_params"].get(proto.knob, math.nan),
                                                  proto.knob_least_regularised(row["M"]), rel_tol=1e-6)))
@@ -268,15 +276,12 @@ def widen_oracle(a):
             continue
         _, x, q, sx, sq = draw(row["distribution"], row["M"], row["sigma"], a.seed + replicate(row), a.queries)
         x, q = x.to(dtype), q.to(dtype)
-        parsed = parse_variant(name)
         default_in = evaluate(*parsed, x, q, sx, sq)[0]
         # float32 sums vary with the machine and threads (1e-5 at M = 8192); another draw differs by far more
         if not math.isclose(default_in, row["default_in"], rel_tol=1e-6 if dtype == torch.float64 else 1e-4):
             raise SystemExit(f"{name} {row['distribution']} M={row['M']}: the default's error {default_in} is not the "
                              f"row's {row['default_in']}: another draw (check --dtype, --queries, --seed)")
         t = time.time()
-        extends = extends_edge(name, None)
-        knob_ext = extends_knob(name, None)
         grids = []
         if need_edge:  # the multiples below the grid, at every knob value auto can reach there
             grids.append(oracle(name, x, q, sx, sq, bases={}, mults=edge, knob_edge=knob_ext))
@@ -284,8 +289,8 @@ def widen_oracle(a):
             mults = sorted(set(BANDWIDTH_MULTS) | set(edge)) if extends else BANDWIDTH_MULTS
             grids.append(oracle(name, x, q, sx, sq, bases={}, mults=mults,
                                 values=tuple(proto.knob_edge_values(row["M"]))))
-        new = dict(row, extend_edge=extends if need_edge else row.get("extend_edge", False),
-                   extend_knob=knob_ext if need_knob else row.get("extend_knob", False), oracle_widened=True,
+        new = dict(row, extend_edge=bool(need_edge or row.get("extend_edge")),
+                   extend_knob=bool(need_knob or row.get("extend_knob")), oracle_widened=True,
                    oracle_out_best=min([row["oracle_out_best"]] + [g["out_best"] for g in grids]))
         for grid in grids:
             if grid["best"] and grid["best"][0][0] < new["oracle_in"]:
@@ -295,10 +300,8 @@ def widen_oracle(a):
         rows.append(new)
         print(f"{name:14} {row['distribution']:16} {row['M']:5d} {row['sigma']:5.2f} {replicate(row):4d} | oracle "
               f"{row['oracle_in']:.4f} -> {new['oracle_in']:.4f} {new['oracle_params']}", flush=True)
-        Path(a.out).write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge),
-                                               rows=rows, needs_full_run=rerun, seconds=time.time() - t0), indent=1))
-    Path(a.out).write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge),
-                                           rows=rows, needs_full_run=rerun, seconds=time.time() - t0), indent=1))
+        save()
+    save()
     print(f"{len(rows)} rows widened; {len(rerun)} where an extension starts need a full run" +
           (": " + "; ".join(rerun) if rerun else "") + f"\nwrote {a.out}")
 

@@ -68,6 +68,15 @@ def test_accuracy_extend_edge_widens_the_oracle_grid(tmp_path):
     assert [r["extend_edge"] for r in off["rows"]] == [False, False] and on["rows"][0]["extend_edge"] is True
 
 
+def _widened_with_reference(widened, ref):
+    """Pairs (widened row, the reference run's row of its estimator), checking that their errors agree to 1e-12."""
+    for w in widened:
+        r = next(r for r in ref if r["estimator"] == w["estimator"])
+        for k in ("default_in", "auto_in", "auto_out", "oracle_in", "oracle_out", "oracle_out_best"):
+            assert w[k] == pytest.approx(r[k], rel=1e-12), k
+        yield w, r
+
+
 def test_accuracy_widen_oracle_for_the_knob_extension(tmp_path):
     # rows measured without the knob extension whose auto knob is not the grid's least-regularised value: widening
     # only the oracle (every multiple x knob_edge_values) gives the rows of a run with the library's default; a row
@@ -84,11 +93,8 @@ def test_accuracy_widen_oracle_for_the_knob_extension(tmp_path):
     assert [r["extend_knob"] for r in ref] == [True, True, False]
     assert [r["estimator"] for r in wide["rows"]] == ["stein", "kef"]
     assert wide["needs_full_run"] == ["stein two_mode M=48 sigma=0.5 draw 7"]
-    for w in wide["rows"]:
-        r = next(r for r in ref if r["estimator"] == w["estimator"])
+    for w, r in _widened_with_reference(wide["rows"], ref):
         assert w["extend_knob"] and w["oracle_widened"]
-        for k in ("default_in", "auto_in", "auto_out", "oracle_in", "oracle_out", "oracle_out_best"):
-            assert w[k] == pytest.approx(r[k], rel=1e-12), k
         assert w["oracle_params"] == pytest.approx(r["oracle_params"])
 
 
@@ -105,11 +111,8 @@ def test_accuracy_widen_oracle_matches_a_run_with_the_extension(tmp_path):
     ref = _run(["benchmarks/accuracy.py", "--quick", "--estimators", *names], tmp_path)["rows"]
     assert [r["estimator"] for r in wide["rows"]] == names  # all three extend by default
     assert wide["needs_full_run"] == ["stein two_mode M=48 sigma=0.5 draw 7"]
-    for w in wide["rows"]:
-        r = next(r for r in ref if r["estimator"] == w["estimator"])
+    for w, r in _widened_with_reference(wide["rows"], ref):
         assert r["auto_params"]["bandwidth_mult"] > 0.25 and w["extend_edge"] and w["oracle_widened"]
-        for k in ("default_in", "auto_in", "auto_out", "oracle_in", "oracle_out", "oracle_out_best"):
-            assert w[k] == pytest.approx(r[k], rel=1e-12), k
         assert w["oracle_params"] == r["oracle_params"]
     bad = _run(["benchmarks/accuracy.py", "--quick", "--estimators", "stein", "--extend-edge", "off", "--seed", "5"],
                tmp_path)

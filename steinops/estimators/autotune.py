@@ -432,6 +432,32 @@ def paired_gain(terms: torch.Tensor, against: torch.Tensor) -> tuple[torch.Tenso
     return diff.mean(-1), se
 
 
+def _best_candidate(score, cands) -> dict:
+    """Per set, the candidate of least mean criterion among ``cands`` [(mult (...), knob (...) or None)]:
+    dict of ``terms`` (..., n), ``mult`` and ``knob`` (...) (non-finite terms count as +inf)."""
+    best = None
+    for mult, knob in cands:
+        t = score(mult, knob)
+        t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf")))
+        if best is None:
+            best = dict(terms=t, mult=mult, knob=knob)
+            continue
+        better = t.mean(-1) < best["terms"].mean(-1)
+        best = dict(terms=torch.where(better[..., None], t, best["terms"]), mult=torch.where(better, mult, best["mult"]),
+                    knob=None if knob is None else torch.where(better, knob, best["knob"]))
+    return best
+
+
+def _take_if_better(out: dict, best: dict, where: torch.Tensor, se_rule: float) -> tuple[dict, torch.Tensor]:
+    """``best`` replaces the choice ``out`` in the sets ``where`` it is better by more than ``se_rule`` paired
+    standard errors; returns the new choice and the mask of sets that moved."""
+    gain, se = paired_gain(best["terms"], out["terms"])
+    take = where & torch.isfinite(gain) & (gain < -se_rule * se)
+    return dict(terms=torch.where(take[..., None], best["terms"], out["terms"]),
+                mult=torch.where(take, best["mult"], out["mult"]),
+                knob=None if out["knob"] is None else torch.where(take, best["knob"], out["knob"])), take
+
+
 def edge_extension(score, chosen: dict, lowest: float, knob_values, *, se_rule: float = EDGE_SE_RULE,
                 floor: float = EDGE_MIN_MULT) -> dict:
     """The edge extension of a fresh search (module docstring), per sample set.
@@ -448,23 +474,8 @@ def edge_extension(score, chosen: dict, lowest: float, knob_values, *, se_rule: 
         if not bool(at_edge.any()):
             break
         mult = torch.full_like(out["mult"], lower)
-        best = None
-        for v in knob_values:
-            knob = None if v is None else torch.full_like(out["mult"], float(v))
-            t = score(mult, knob)
-            t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf")))
-            if best is None:
-                best = dict(terms=t, knob=knob)
-            else:
-                better = t.mean(-1) < best["terms"].mean(-1)
-                best = dict(terms=torch.where(better[..., None], t, best["terms"]),
-                            knob=None if knob is None else torch.where(better, knob, best["knob"]))
-        gain, se = paired_gain(best["terms"], out["terms"])
-        take = at_edge & torch.isfinite(gain) & (gain < -se_rule * se)
-        out = dict(terms=torch.where(take[..., None], best["terms"], out["terms"]),
-                   mult=torch.where(take, mult, out["mult"]),
-                   knob=None if out["knob"] is None else torch.where(take, best["knob"], out["knob"]))
-        at_edge = take
+        cands = [(mult, None if v is None else torch.full_like(out["mult"], float(v))) for v in knob_values]
+        out, at_edge = _take_if_better(out, _best_candidate(score, cands), at_edge, se_rule)
     return out
 
 
@@ -481,26 +492,11 @@ def knob_extension(score, chosen: dict, mults, lowest: float, edge_values, *, se
     for value in edge_values:
         if not bool(at_edge.any()):
             break
-        knob = torch.full_like(out["knob"], float(value))
-        own = out["mult"]
+        knob, own = torch.full_like(out["knob"], float(value)), out["mult"]
         tries = [torch.full_like(own, float(m)) for m in mults]
         if not any(bool(torch.isclose(own, t).all()) for t in tries):
             tries.append(own)  # the choice's multiple is off the grid for some set
-        best = None
-        for mult in tries:
-            t = score(mult, knob)
-            t = torch.where(torch.isfinite(t), t, torch.full_like(t, float("inf")))
-            if best is None:
-                best = dict(terms=t, mult=mult)
-            else:
-                better = t.mean(-1) < best["terms"].mean(-1)
-                best = dict(terms=torch.where(better[..., None], t, best["terms"]),
-                            mult=torch.where(better, mult, best["mult"]))
-        gain, se = paired_gain(best["terms"], out["terms"])
-        take = at_edge & torch.isfinite(gain) & (gain < -se_rule * se)
-        out = dict(terms=torch.where(take[..., None], best["terms"], out["terms"]),
-                   mult=torch.where(take, best["mult"], out["mult"]), knob=torch.where(take, knob, out["knob"]))
-        at_edge = take
+        out, at_edge = _take_if_better(out, _best_candidate(score, [(m, knob) for m in tries]), at_edge, se_rule)
     return out
 
 
