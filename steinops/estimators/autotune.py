@@ -93,7 +93,10 @@ values, and where auto's choice sits inside the grid the wider oracle can expose
 (the rings at sigma = 0.5, M = 128: 1.42x -> 1.70x, the sphere at M = 128: 1.03x -> 1.23x, auto unchanged or
 better). Searching eta in 0.001-3 outright instead was mixed: 0.975x the extension's error at M = 128 (geo-mean of
 12 cases, 10 draws; the sphere 0.815x, the rings at sigma = 0.5 0.887x, but the 2-D gmm 1.070x and the rings at
-sigma = 0.1 1.044x) and 1.068x on the rings at sigma = 0.5, M = 1024 (5 draws; 5 other cases identical). Landweber
+sigma = 0.1 1.044x) and 1.068x on the rings at sigma = 0.5, M = 1024 (5 draws; 5 other cases identical). Starting
+the extension also where the best grid value at *some* bandwidth multiple is the least-regularised one (not only at
+the choice's) gained little: 0.997x at M = 128 (the rings at sigma = 0.5 0.974x, the sphere 0.988x; 3 of 120 draws
+moved, each to the oracle's candidate), identical at M = 1024 (12 cases x 10 draws); not adopted. Landweber
 and nu are not extended (their iteration count grows as 1 / lam), nor the SSGE (eig_mass 0.9999 was measured
 and not adopted), nor curl-free KEF (its refits).
 
