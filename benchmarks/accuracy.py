@@ -41,7 +41,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -62,6 +61,7 @@ from steinops.estimators import ESTIMATORS, autotune
 from steinops.estimators.spectral_sure import EXACT_SURE_MAX_D
 
 import spectral_oracle  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+from kernels import write_json  # noqa: E402
 
 BANDWIDTH_MULTS = list(autotune.BANDWIDTH_MULTS)
 DISTRIBUTIONS = ["two_mode", "eight_gaussians", "rings", "checkerboard", "moons", "spiral", "gmm", "subspace_gmm",
@@ -252,10 +252,8 @@ def widen_oracle(a):
     out = Path(a.out)
 
     def save():  # after every row, atomically: a stopped run keeps what it widened
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge),
-                                       rows=rows, needs_full_run=rerun, seconds=time.time() - t0), indent=1))
-        os.replace(tmp, out)
+        write_json(out, dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(edge), rows=rows,
+                             needs_full_run=rerun, seconds=time.time() - t0))
 
     for row in src["rows"]:
         name = row["estimator"]
@@ -361,15 +359,11 @@ def main(argv=None):
     wide = sorted(set(BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # the oracle's grid where auto extends
     rows, t0 = [], time.time()
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows):  # after every case, atomically: a stopped run keeps what it measured
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS,
-                                       edge_mults=list(autotune.edge_mults()), rows=rows,
-                                       machine=platform.processor() or platform.machine(),
-                                       torch=torch.__version__, seconds=time.time() - t0), indent=1))
-        os.replace(tmp, out)
+        write_json(out, dict(settings=vars(a), bandwidth_mults=BANDWIDTH_MULTS, edge_mults=list(autotune.edge_mults()),
+                             rows=rows, machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                             seconds=time.time() - t0))
 
     print(f"{'estimator':14} {'distribution':16} {'M':>5} {'sigma':>5} {'draw':>4} | {'default in':>10} {'out':>7} | "
           f"{'auto in':>8} {'out':>7} | {'oracle in':>9} {'out':>7} | default/oracle auto/oracle")
