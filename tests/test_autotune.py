@@ -554,7 +554,8 @@ def test_sure_probes_checked():
 EXACT_CASES = [("ssge", dict(eig_mass=(0.9, 0.999)), "rbf"), ("ssge", dict(eig_mass=(0.95, 0.95)), "imq"),
                ("ssge", dict(n_eigen=5), "rbf"), ("landweber", dict(lam=(0.02, 0.1), step=0.5), "rbf"),
                ("landweber", dict(lam=(0.02, 0.005)), "imq"), ("nu", dict(lam=(3e-3, 0.05), step=0.5), "imq"),
-               ("nu", dict(lam=(1e-3, 1e-2), nu=2.0), "rbf"), ("landweber", dict(n_iter=17), "rbf")]
+               ("nu", dict(lam=(1e-3, 1e-2), nu=2.0), "rbf"), ("landweber", dict(n_iter=17), "rbf"),
+               ("landweber", dict(lam=(0.1, 0.2)), "rbf")]  # T = 10, 5 <= M: Landweber's factored operator
 
 
 @pytest.mark.parametrize("name,kw,kernel", EXACT_CASES, ids=[f"{c[0]}-{'-'.join(c[1])}-{c[2]}" for c in EXACT_CASES])
@@ -631,6 +632,48 @@ def test_structured_divided_differences_equal_dense():
     Gam = divided_differences(lam, mask, 1)
     assert bool((Gam[:, 9:, 9:] == 0).all())
     torch.testing.assert_close(PrefixSupported(Gam, 9).rmatmul(X), X @ Gam, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("M", [23, 40])
+def test_landweber_closed_form_divided_differences(M):
+    # the closed form (GeometricSeries) against the general recursion, per-set T (sets with fewer steps), a tail of
+    # zero eigenvalues; its shared products (memo) over candidates of growing and shrinking T against X @ dense
+    from steinops.estimators.kef import landweber_coefficients
+    from steinops.estimators.spectral_sure import (GeometricSeries, landweber_divided_differences,
+                                                   recursion_divided_differences)
+    lam = torch.rand(3, M, dtype=torch.float64).sort(-1, descending=True).values * 4
+    lam[:, -2:] = 0
+    step = torch.tensor([0.95, 0.4, 1.0], dtype=torch.float64) * M / lam[:, 0]
+    X = torch.randn(3, M, M, dtype=torch.float64)
+    memo = {}
+    for T in ([1, 1, 1], [7, 1, 13], [M, M - 3, 2], [4, 4, 4], [M - 1, M - 1, M - 1]):
+        T = torch.tensor(T)
+        f0, dense = recursion_divided_differences(lam, step, T, M, landweber_coefficients)
+        f1, op = landweber_divided_differences(lam, step, T, M, factored=True)
+        assert isinstance(op, GeometricSeries)
+        torch.testing.assert_close(f1, f0, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(op.dense(), dense, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(op.rmatmul(X, memo), X @ dense, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.rmatmul(X), X @ dense, rtol=1e-10, atol=1e-12)
+    assert memo["XA"].shape[-1] == M - 1  # the largest T seen, extended in place
+    # a different step (another bandwidth's K) resets the memo instead of reusing X A
+    f2, op2 = landweber_divided_differences(lam, step * 0.5, torch.tensor([5, 5, 5]), M, factored=True)
+    torch.testing.assert_close(op2.rmatmul(X, memo), X @ op2.dense(), rtol=1e-10, atol=1e-12)
+    assert memo["XA"].shape[-1] == 4
+    _, big = landweber_divided_differences(lam, step, torch.tensor([M + 1] * 3), M, factored=True)
+    assert isinstance(big, torch.Tensor)  # T > M: the dense tensor is cheaper
+
+
+def test_landweber_exact_sure_shares_products_across_candidates():
+    # the search's cache (one eigh and one X A per bandwidth) gives the same terms as fresh computations
+    x = torch.randn(2, 29, 2, dtype=torch.float64)
+    h = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    cache = {}
+    for lam in (0.1, 0.04, 0.3, 0.05):
+        est = steinops.score_estimator("landweber", bandwidth=h, lam=torch.full((2,), lam, dtype=torch.float64))
+        shared = est.exact_sure(x, cache=cache)
+        torch.testing.assert_close(shared, est.exact_sure(x), rtol=1e-10, atol=1e-12)
+    assert cache["parts"]["memo"]["UU"]["XA"].shape[-1] == 24  # T = 25 at lam = 0.04, the largest
 
 
 def test_exact_sure_chunks_and_dtypes(monkeypatch):

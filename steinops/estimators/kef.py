@@ -78,7 +78,8 @@ from ..solvers import cholesky_jitter, cholesky_solve_jitter
 from ._curl_free import curl_free_apply, curl_free_gram, curl_free_matvec, curl_free_norm_bound, curl_free_stein_term
 from ._kernel_system import kernel_solve, operator_solve
 from .stein import DEFAULT_ETA, ETA_EDGE, ETA_GRID
-from .spectral_sure import exact_sure_applies, recursion_divided_differences, spectral_sure_terms
+from .spectral_sure import (exact_sure_applies, landweber_divided_differences, recursion_divided_differences,
+                            spectral_sure_terms)
 from .stein_loo import sge_loo_terms
 from .base import DENSE_MAX_ENTRIES, ScoreEstimator, dense_fits, register
 
@@ -343,8 +344,12 @@ class _IterativeBase(_KScoreBase):
                 step = 1.0 / (spectral_bound(K) / M)  # as the fit chooses it (no gradient)
             else:
                 step = torch.full(lam.shape[:1], self.step, dtype=lam.dtype, device=lam.device)
-            return recursion_divided_differences(lam, step, T[idx.to(T.device)], M, self._coefficients, factored=True)
+            return self._divided_differences(lam, step, T[idx.to(T.device)], M)
         return spectral_sure_terms(x, h, filter_fn, self.kernel.name, cache)
+
+    def _divided_differences(self, lam, step, T, M):
+        """Filter values and divided differences of the in-sample fit (``spectral_sure.py``)."""
+        return recursion_divided_differences(lam, step, T, M, self._coefficients, factored=True)
 
     def _iterations(self, batch, like) -> torch.Tensor:
         if self.n_iter is not None:
@@ -419,6 +424,10 @@ class LandweberScoreEstimator(_IterativeBase):
 
     def _coefficients(self, k):
         return landweber_coefficients(k)
+
+    def _divided_differences(self, lam, step, T, M):
+        # closed form: the candidates of one bandwidth share the products of the largest T (``GeometricSeries``)
+        return landweber_divided_differences(lam, step, T, M, factored=True)
 
     @staticmethod
     def _run(matvec, Z, step, T):

@@ -28,14 +28,17 @@ Cost. Everything but Gam is shared by the candidates of one bandwidth (``_parts`
 M^3 products, among them ``E^k = D diag(x_:k) U`` so that ``sum_j D_ij x_jk Z^k_ij = sum_q (U o E^k)_iq V^k_iq``
 and Z^k is never formed); a candidate then costs (2 + d) products ``X Gam``: M^3 each for a dense Gam, 2 M^2 J for
 the SSGE (Gam vanishes between two of the M - J dropped eigenpairs: ``PrefixSupported``), 4 M^2 T for T steps of
-Landweber / nu (Gam has rank <= 2 T + 2: ``LowRankSymmetric``). Before this split every candidate cost
+nu (Gam has rank <= 2 T + 2: ``LowRankSymmetric``), M^2 T for Landweber plus M^2 T_max shared by the candidates of
+a bandwidth (its closed form ``X A_T P_T`` has the same ``X A`` for every T: ``GeometricSeries``, ``memo``).
+Before this split every candidate cost
 (3 + 2 d) M^3. The exact trace is used for d <= ``EXACT_SURE_MAX_D``: there it cost
 about as much as 8 Hutchinson probes or less (M = 512, one thread of a 2-core Intel Xeon, d = 16: SSGE 0.20 s
 against 0.19 s, Landweber 0.22 s against 1.01 s, nu 0.19 s against 0.16 s; d = 2: 0.08-0.10 s against 1.18, 0.62
 and 0.10 s), and it has no probe noise (on the 2-D gmm at M = 1024 one probe's noise on the gap between the two
 best SSGE candidates was 3x the gap itself). The Landweber / nu step 1 / b is chosen from K and held fixed, as the
 fit's autograd holds it: its own dependence on x_i is O(1/M) (1% of the trace at M = 9, against finite differences
-of refits). Divided differences of the iterative filters come from the filter's own recursion in
+of refits). Landweber's divided differences are a double geometric sum (``GeometricSeries``); the nu-method's
+(and any (mu_k, omega_k) iteration's) come from the filter's own recursion in
 divided-difference arithmetic (Leibniz rule ``[lambda c]_pq = c_q + lambda_p [c]_pq``), which is linear in
 ``[c]``: one forward and one adjoint pass over the eigenvalues and one (M x T)(T x M) product
 (``recursion_divided_differences``); exact, no division by eigenvalue gaps.
@@ -100,22 +103,28 @@ def _parts(x, h, kernel):
     return dict(K=p["K"], csum=c.sum(-1), lam=lam, U=U, UU=U * U, W=W, UY=UY, UDU=U * DU, B=B, UcU=UcU, UE=UE)
 
 
-def _rmatmul(X, Gam):
-    """``X @ Gam`` for a dense Gam or a structured one (``rmatmul``)."""
-    return X @ Gam if isinstance(Gam, torch.Tensor) else Gam.rmatmul(X)
+def _rmatmul(X, Gam, memo: dict, slot):
+    """``X @ Gam`` for a dense Gam or a structured one (``rmatmul``); ``memo[slot]`` keeps what an operator
+    can share between the candidates of one bandwidth for the same X (``GeometricSeries``)."""
+    if isinstance(Gam, torch.Tensor):
+        return X @ Gam
+    if isinstance(Gam, GeometricSeries):
+        return Gam.rmatmul(X, memo.setdefault(slot, {}))
+    return Gam.rmatmul(X)
 
 
 def _terms(p, filter_fn, idx):
     U, W = p["U"], p["W"]
     f, Gam = filter_fn(p["lam"], p["K"], idx.to(U.device))
+    memo = p.setdefault("memo", {})  # lives as long as the parts: one (x, h), one chunk
     G = -U @ (f[..., None] * W)
     fcol = f[..., None]
     tr = -((p["UcU"] @ fcol)[..., 0] - (p["UU"] @ fcol)[..., 0] * p["csum"])  # the Stein term moves
     # the filter moves: row sums of (X Gam) o A for (X, A) = (U o U, B), (U o Y, U o DU), (U diag(W_:k), U o E^k)
-    b1 = 2 * (_rmatmul(p["UU"], Gam) * p["B"]).sum(-1)
-    b2 = 2 * (p["UDU"] * _rmatmul(p["UY"], Gam)).sum(-1)
+    b1 = 2 * (_rmatmul(p["UU"], Gam, memo, "UU") * p["B"]).sum(-1)
+    b2 = 2 * (p["UDU"] * _rmatmul(p["UY"], Gam, memo, "UY")).sum(-1)
     for k in range(W.shape[-1]):
-        b2 = b2 - 2 * (p["UE"][k] * _rmatmul(U * W[..., None, :, k], Gam)).sum(-1)
+        b2 = b2 - 2 * (p["UE"][k] * _rmatmul(U * W[..., None, :, k], Gam, memo, ("UW", k))).sum(-1)
     tr = tr - (b1 + b2)
     return 0.5 * (G * G).sum(-1) + tr
 
@@ -150,6 +159,61 @@ class LowRankSymmetric:
     def rmatmul(self, X):
         ones_part = X.sum(-1, keepdim=True) * self.c[:, None, :] + (X @ self.c[..., None])  # (X 1) c^T + (X c) 1^T
         return self.scale * (ones_part + (X @ self.L) @ self.R + (X @ self.R.mT) @ self.L.mT)
+
+
+class GeometricSeries:
+    """Landweber's divided differences ``Gam_pq = -(step/M)^2 sum_{i=0}^{T-2} r_p^i P_{T-2-i}(r_q)`` (n, M, M),
+    ``r = 1 - step lambda / M`` and ``P_m(r) = sum_{l<=m} r^l``, from the filter
+    ``f(lambda) = (step/M) sum_{t<T} r^t`` and ``[r^t]_pq = -(step/M) sum_{i+l=t-1} r_p^i r_q^l`` (no division
+    by eigenvalue gaps). ``X @ Gam = -(step/M)^2 (X A_T) P_T`` with ``A[p, i] = r_p^i``: the columns of ``X A`` are
+    the same for every T, so the candidates of one bandwidth (the same r, the same X, T = 10 ... 1000) share one
+    product of the largest T (``memo``), and each pays only ``(X A)_T P_T``: about M^2 (T_max + T) per X in all,
+    where the nu-method's general operator (``LowRankSymmetric``) costs 4 M^2 T per candidate.
+
+    r (n, M), T (n) int >= 1 (per set), step (n)."""
+
+    def __init__(self, r, T, step, M: int):
+        self.r, self.T, self.M = r, T.to(r.device), step.to(r)
+        self.Tmax = int(self.T.max())
+        powers = torch.cumprod(torch.cat([torch.ones_like(r[:, None]), r[:, None].expand(-1, self.Tmax - 1, -1)],
+                                         1), 1)  # (n, Tmax, M): r^i, i < Tmax
+        self.A = powers[:, :-1].mT  # (n, M, Tmax - 1)
+        partial = powers.cumsum(1)  # (n, Tmax, M): P_m(r), m < Tmax
+        self.f = (self.M / M)[:, None] * partial.gather(1, (self.T - 1)[:, None, None].expand(-1, 1, r.shape[-1]))[:, 0]
+        # P_T (n, Tmax - 1, M): row i holds P_{T-2-i} for i <= T - 2, zero beyond (sets with fewer steps)
+        i = torch.arange(self.Tmax - 1, device=r.device)
+        m = self.T[:, None] - 2 - i  # (n, Tmax - 1)
+        rows = partial.gather(1, m.clamp_min(0)[:, :, None].expand(-1, -1, r.shape[-1]))
+        self.P = torch.where((m >= 0)[:, :, None], rows, torch.zeros_like(rows))
+        self.scale = -(self.M / M)[:, None, None] ** 2
+
+    def dense(self):
+        return self.scale * (self.A @ self.P)
+
+    def rmatmul(self, X, memo: dict | None = None):
+        """``X @ Gam`` for X (n, M, M). ``memo``: a dict kept with X across candidates of the same r; it holds
+        ``X A`` for the largest T so far and is extended, not recomputed, when a larger T comes."""
+        need = self.Tmax - 1
+        if memo is None:
+            XA = X @ self.A
+        else:
+            if memo.get("r") is None or memo["r"].shape != self.r.shape or not torch.equal(memo["r"], self.r):
+                memo.clear()
+                memo.update(r=self.r, XA=X.new_empty(*X.shape[:-1], 0))
+            have = memo["XA"].shape[-1]
+            if have < need:
+                memo["XA"] = torch.cat([memo["XA"], X @ self.A[..., have:need]], -1)
+            XA = memo["XA"][..., :need]
+        return self.scale * (XA @ self.P)
+
+
+def landweber_divided_differences(lam: torch.Tensor, step, T: torch.Tensor, M: int, factored: bool = False):
+    """Filter values f (n, M) and divided differences of Landweber's in-sample fit, as
+    ``recursion_divided_differences`` with ``landweber_coefficients`` gives them, in closed form
+    (``GeometricSeries``). lam (n, M), step (n), T (n) int. ``factored``: return the operator where it is cheaper
+    than the dense (n, M, M) tensor (T_max <= M)."""
+    gam = GeometricSeries(1 - step.to(lam)[:, None] * lam / M, T, step, M)
+    return gam.f, (gam if factored and gam.Tmax <= M else gam.dense())
 
 
 def recursion_values(lam: torch.Tensor, step, T: torch.Tensor, M: int, coefficients, forcing=None):
