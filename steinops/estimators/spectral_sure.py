@@ -173,19 +173,19 @@ class GeometricSeries:
     r (n, M), T (n) int >= 1 (per set), step (n)."""
 
     def __init__(self, r, T, step, M: int):
-        self.r, self.T, self.M = r, T.to(r.device), step.to(r)
+        self.r, self.T, self.step = r, T.to(r.device), step.to(r)
         self.Tmax = int(self.T.max())
         powers = torch.cumprod(torch.cat([torch.ones_like(r[:, None]), r[:, None].expand(-1, self.Tmax - 1, -1)],
                                          1), 1)  # (n, Tmax, M): r^i, i < Tmax
         self.A = powers[:, :-1].mT  # (n, M, Tmax - 1)
         partial = powers.cumsum(1)  # (n, Tmax, M): P_m(r), m < Tmax
-        self.f = (self.M / M)[:, None] * partial.gather(1, (self.T - 1)[:, None, None].expand(-1, 1, r.shape[-1]))[:, 0]
+        self.f = (self.step / M)[:, None] * partial.gather(1, (self.T - 1)[:, None, None].expand(-1, 1, r.shape[-1]))[:, 0]
         # P_T (n, Tmax - 1, M): row i holds P_{T-2-i} for i <= T - 2, zero beyond (sets with fewer steps)
         i = torch.arange(self.Tmax - 1, device=r.device)
         m = self.T[:, None] - 2 - i  # (n, Tmax - 1)
         rows = partial.gather(1, m.clamp_min(0)[:, :, None].expand(-1, -1, r.shape[-1]))
         self.P = torch.where((m >= 0)[:, :, None], rows, torch.zeros_like(rows))
-        self.scale = -(self.M / M)[:, None, None] ** 2
+        self.scale = -(self.step / M)[:, None, None] ** 2
 
     def dense(self):
         return self.scale * (self.A @ self.P)
