@@ -62,7 +62,8 @@ def spectral_sure_terms(x: torch.Tensor, h: torch.Tensor, filter_fn, kernel="rbf
     x (..., M, d) samples; h (...) bandwidths. ``filter_fn(lam, K, idx)`` gets the eigenvalues lam (n, M)
     (descending, float64) of the Gram matrices K (n, M, M) of the sets ``idx`` (indices into the flattened
     batch) and returns ``(f, Gam)``: the filter values (n, M) and their divided differences, a tensor
-    (n, M, M) or an operator with ``rmatmul(X) = X @ Gam`` (``PrefixSupported``, ``LowRankSymmetric``).
+    (n, M, M) or an operator with ``rmatmul(X, memo) = X @ Gam`` (``PrefixSupported``, ``LowRankSymmetric``,
+    ``GeometricSeries``).
     ``cache``: a dict kept by the caller across candidates; when the whole batch is one chunk it holds the
     eigendecomposition and the filter-independent products of the last (x, h), so candidates that differ only
     in the knob share them (``autotune.tune`` orders its grid by bandwidth).
@@ -103,28 +104,24 @@ def _parts(x, h, kernel):
     return dict(K=p["K"], csum=c.sum(-1), lam=lam, U=U, UU=U * U, W=W, UY=UY, UDU=U * DU, B=B, UcU=UcU, UE=UE)
 
 
-def _rmatmul(X, Gam, memo: dict, slot):
-    """``X @ Gam`` for a dense Gam or a structured one (``rmatmul``); ``memo[slot]`` keeps what an operator
-    can share between the candidates of one bandwidth for the same X (``GeometricSeries``)."""
-    if isinstance(Gam, torch.Tensor):
-        return X @ Gam
-    if isinstance(Gam, GeometricSeries):
-        return Gam.rmatmul(X, memo.setdefault(slot, {}))
-    return Gam.rmatmul(X)
+def _rmatmul(X, Gam, memo: dict):
+    """``X @ Gam`` for a dense Gam or a structured one (``rmatmul``); ``memo`` (one dict per X) keeps what an
+    operator can share between the candidates of one bandwidth (``GeometricSeries``; the others ignore it)."""
+    return X @ Gam if isinstance(Gam, torch.Tensor) else Gam.rmatmul(X, memo)
 
 
 def _terms(p, filter_fn, idx):
     U, W = p["U"], p["W"]
     f, Gam = filter_fn(p["lam"], p["K"], idx.to(U.device))
-    memo = p.setdefault("memo", {})  # lives as long as the parts: one (x, h), one chunk
+    memo = p.setdefault("memo", {})  # per X; lives as long as the parts: one (x, h), one chunk
     G = -U @ (f[..., None] * W)
     fcol = f[..., None]
     tr = -((p["UcU"] @ fcol)[..., 0] - (p["UU"] @ fcol)[..., 0] * p["csum"])  # the Stein term moves
     # the filter moves: row sums of (X Gam) o A for (X, A) = (U o U, B), (U o Y, U o DU), (U diag(W_:k), U o E^k)
-    b1 = 2 * (_rmatmul(p["UU"], Gam, memo, "UU") * p["B"]).sum(-1)
-    b2 = 2 * (p["UDU"] * _rmatmul(p["UY"], Gam, memo, "UY")).sum(-1)
+    b1 = 2 * (_rmatmul(p["UU"], Gam, memo.setdefault("UU", {})) * p["B"]).sum(-1)
+    b2 = 2 * (p["UDU"] * _rmatmul(p["UY"], Gam, memo.setdefault("UY", {}))).sum(-1)
     for k in range(W.shape[-1]):
-        b2 = b2 - 2 * (p["UE"][k] * _rmatmul(U * W[..., None, :, k], Gam, memo, ("UW", k))).sum(-1)
+        b2 = b2 - 2 * (p["UE"][k] * _rmatmul(U * W[..., None, :, k], Gam, memo.setdefault(("UW", k), {}))).sum(-1)
     tr = tr - (b1 + b2)
     return 0.5 * (G * G).sum(-1) + tr
 
@@ -137,7 +134,7 @@ class PrefixSupported:
     def __init__(self, Gam: torch.Tensor, J: int):
         self.Gam, self.J = Gam, J
 
-    def rmatmul(self, X):
+    def rmatmul(self, X, memo: dict | None = None):
         J = self.J
         if 2 * J >= X.shape[-1]:
             return X @ self.Gam
@@ -156,7 +153,7 @@ class LowRankSymmetric:
         dv = self.c[:, None, :] + self.L @ self.R
         return self.scale * (dv + dv.mT)
 
-    def rmatmul(self, X):
+    def rmatmul(self, X, memo: dict | None = None):
         ones_part = X.sum(-1, keepdim=True) * self.c[:, None, :] + (X @ self.c[..., None])  # (X 1) c^T + (X c) 1^T
         return self.scale * (ones_part + (X @ self.L) @ self.R + (X @ self.R.mT) @ self.L.mT)
 
@@ -173,19 +170,18 @@ class GeometricSeries:
     r (n, M), T (n) int >= 1 (per set), step (n)."""
 
     def __init__(self, r, T, step, M: int):
-        self.r, self.T, self.step = r, T.to(r.device), step.to(r)
-        self.Tmax = int(self.T.max())
+        T, s = T.to(r.device), step.to(r) / M
+        self.r, self.Tmax = r, int(T.max())
         powers = torch.cumprod(torch.cat([torch.ones_like(r[:, None]), r[:, None].expand(-1, self.Tmax - 1, -1)],
                                          1), 1)  # (n, Tmax, M): r^i, i < Tmax
         self.A = powers[:, :-1].mT  # (n, M, Tmax - 1)
         partial = powers.cumsum(1)  # (n, Tmax, M): P_m(r), m < Tmax
-        self.f = (self.step / M)[:, None] * partial.gather(1, (self.T - 1)[:, None, None].expand(-1, 1, r.shape[-1]))[:, 0]
+        self.f = s[:, None] * partial.gather(1, (T - 1)[:, None, None].expand(-1, 1, r.shape[-1]))[:, 0]
         # P_T (n, Tmax - 1, M): row i holds P_{T-2-i} for i <= T - 2, zero beyond (sets with fewer steps)
-        i = torch.arange(self.Tmax - 1, device=r.device)
-        m = self.T[:, None] - 2 - i  # (n, Tmax - 1)
+        m = T[:, None] - 2 - torch.arange(self.Tmax - 1, device=r.device)  # (n, Tmax - 1)
         rows = partial.gather(1, m.clamp_min(0)[:, :, None].expand(-1, -1, r.shape[-1]))
         self.P = torch.where((m >= 0)[:, :, None], rows, torch.zeros_like(rows))
-        self.scale = -(self.step / M)[:, None, None] ** 2
+        self.scale = -s[:, None, None] ** 2
 
     def dense(self):
         return self.scale * (self.A @ self.P)
@@ -197,7 +193,7 @@ class GeometricSeries:
         if memo is None:
             XA = X @ self.A
         else:
-            if memo.get("r") is None or memo["r"].shape != self.r.shape or not torch.equal(memo["r"], self.r):
+            if "r" not in memo or not torch.equal(memo["r"], self.r):  # another bandwidth's K: start over
                 memo.clear()
                 memo.update(r=self.r, XA=X.new_empty(*X.shape[:-1], 0))
             have = memo["XA"].shape[-1]
