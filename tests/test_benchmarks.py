@@ -577,3 +577,47 @@ def test_selection_rules_quick(tmp_path):
     assert case["largest"] >= case["median"] > 0 and case["spread_largest"] >= case["spread_median"] > 0
     (fixed,) = data["fixed_oracle"].values()
     assert fixed["ratio"] >= 1.0 - 1e-12 and 0 <= fixed["draws_over"] <= 3 and -1 <= fixed["corr_median"] <= 1
+
+
+def test_aggregation_weights(monkeypatch):
+    """The aggregation QP: an interior minimiser of 1/2 w^T A w + b^T w is found as it is; the simplex and the
+    non-negative orthant clip it where they must."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import numpy as np
+    import aggregation
+    A = np.diag([1.0, 2.0, 4.0])
+    np.testing.assert_allclose(aggregation.sure_weights(A, -A @ np.array([0.2, 0.3, 0.5]), True), [0.2, 0.3, 0.5],
+                               atol=1e-6)
+    np.testing.assert_allclose(aggregation.sure_weights(A, np.array([1.0, -4.0, -4.0]), False), [0.0, 2.0, 1.0],
+                               atol=1e-6)
+    # the unconstrained minimiser (0, 2, 1) is off the simplex: there the minimiser is (0, 2/3, 1/3) by KKT
+    np.testing.assert_allclose(aggregation.sure_weights(A, np.array([1.0, -4.0, -4.0]), True), [0.0, 2 / 3, 1 / 3],
+                               atol=1e-6)
+
+
+def test_aggregation_argmin_is_tunes_plain_argmin(monkeypatch):
+    """aggregation.py's candidates and closed-form terms are the library's: its argmin rule picks the error of the
+    candidate ``autotune.tune`` picks with the plain argmin (se_rule 0, no extensions)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import aggregation
+    import steinops
+    from steinops.distributions import get_distribution
+    from steinops.estimators.autotune import tune
+    dist = get_distribution("moons")
+    for seed in range(3):
+        x = dist.sample(57, 0.3, generator=torch.Generator().manual_seed(seed)).double()
+        sx = dist.score(x, 0.3)
+        row = aggregation.aggregate_errors(x, sx)
+        est = steinops.score_estimator("stein", bandwidth="auto")
+        chosen = tune(est, x, se_rule=0, extend_edge=False, extend_knob=False)
+        fit = steinops.score_estimator("stein", bandwidth=float(chosen["bandwidth"]), eta=float(chosen["eta"])).fit(x)
+        assert row["argmin"] == pytest.approx(float(((fit.scores_ - sx) ** 2).sum() / (sx ** 2).sum()), rel=1e-9)
+        assert 1 <= row["simplex weights"] <= 31 and row["top 5 weights"] <= 5
+
+
+def test_aggregation_quick(tmp_path):
+    data = _run(["benchmarks/aggregation.py", "--quick"], tmp_path)
+    assert len(data["rows"]) == 4 and set(data["summary"]) == set(data["rules"])
+    for r in data["rows"]:
+        assert all(math.isfinite(r[t]) and r[t] > 0 for t in data["rules"])
+        assert r["argmin"] >= r["oracle_in"] * (1 - 1e-12) and r["auto"] >= r["oracle_in"] * (1 - 1e-12)

@@ -1,0 +1,155 @@
+"""Could a weighted average of auto's candidates beat choosing one? SURE aggregation of the SGE, in-sample.
+
+Auto chooses one candidate of its fresh grid (``autotune.fresh_grid``: the default, then bandwidth multiples x
+the eta grid) by the closed-form leave-one-out criterion, which for the SGE is an unbiased estimate of the
+in-sample error (``stein_loo.py``). The Fisher error is convex in the estimate, so a convex combination of the
+candidates' in-sample estimates ``G_w = sum_k w_k G_k`` can be better than every candidate, and its criterion is
+known in closed form, because the trace is linear in G:
+
+    SURE(w) = 1/2 w^T A w + b^T w,   A_kl = mean_i G_ik . G_il,   b_k = mean_i tr_ik,
+
+an unbiased estimate of ``1/2 E|G_w - grad log q|^2 - 1/2 E|grad log q|^2`` for any *fixed* w (Stein's
+unbiased risk estimate of a linear expansion of estimators; Blu & Luisier's SURE-LET). Choosing w by
+minimising SURE(w) is a quadratic programme; its risk is that w fits the criterion's noise. Rules, per draw:
+
+- ``simplex``: w >= 0, sum w = 1, over all candidates;
+- ``nonneg``: w >= 0 only (the combination may shrink or stretch);
+- ``top k``: the simplex over the k candidates with the least criterion;
+- ``argmin``: the single candidate with the least criterion (no anchor; auto adds the anchor rule).
+
+Each is scored by its in-sample relative Fisher error against the exact score, over the mean of the per-draw
+oracles of ``benchmarks/accuracy.py`` (its grid: the multiples auto's edge extension reaches x the eta grid with
+the knob extension's values), next to auto's own error (the library's ``bandwidth="auto"``) on the same draws.
+
+    python benchmarks/aggregation.py --samples 128 --draws 10 --out benchmarks/results/aggregation-stein-m128.json
+    python benchmarks/aggregation.py --quick
+
+Prints a table per case and writes JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402  (also puts a source checkout on the path)
+import steinops  # noqa: E402
+from steinops.bandwidth import median_distance  # noqa: E402
+from steinops.distributions import REGISTRY  # noqa: E402
+from steinops.estimators import autotune  # noqa: E402
+from steinops.estimators.stein_loo import sge_fit_and_traces  # noqa: E402
+from kernels import write_json  # noqa: E402  (benchmarks/ is on sys.path)
+
+RULES = ("auto", "argmin", "simplex", "nonneg", "top 5", "top 10")
+
+
+def sure_weights(A: np.ndarray, b: np.ndarray, simplex: bool) -> np.ndarray:
+    """argmin of ``1/2 w^T A w + b^T w`` over w >= 0 (and sum w = 1 with ``simplex``); A (K, K) PSD, b (K,)."""
+    K, scale = len(b), float(np.mean(np.diag(A)))  # |G|^2 grows as 1 / sigma^4: solve at unit scale
+    A, b = A / scale, b / scale
+    constraints = [dict(type="eq", fun=lambda w: w.sum() - 1, jac=lambda w: np.ones(K))] if simplex else []
+    res = minimize(lambda w: 0.5 * w @ A @ w + b @ w, np.full(K, 1.0 / K), jac=lambda w: A @ w + b,
+                   bounds=[(0, None)] * K, constraints=constraints, method="SLSQP",
+                   options=dict(maxiter=1000, ftol=1e-12))
+    w = np.clip(res.x, 0, None)
+    # status 8 ("positive directional derivative in the line search"): stopped at the precision limit
+    if not (res.success or res.status == 8) or (simplex and abs(w.sum() - 1) > 1e-6):
+        raise RuntimeError(f"the aggregation QP did not converge: {res.message}")
+    return w
+
+
+def aggregate_errors(x: torch.Tensor, sx: torch.Tensor) -> dict:
+    """In-sample errors of every rule but auto on one draw x (M, d) with exact scores sx (M, d), and the weights
+    each rule kept (count of w_k > 1e-3)."""
+    proto = steinops.score_estimator("stein", bandwidth="auto")
+    M, med = x.shape[-2], median_distance(x.double())
+    G, tr = zip(*(sge_fit_and_traces(x, med * mult, torch.tensor(eta, dtype=torch.float64))
+                  for mult, eta in autotune.fresh_grid(proto, M)))
+    G = torch.stack(G)  # (K, M, d)
+    A = (torch.einsum("kmd,lmd->kl", G, G) / M).numpy()
+    b = torch.stack(tr).mean(-1).numpy()
+    crit = 0.5 * np.diag(A) + b
+    out = {"argmin": accuracy.fisher(G[int(np.argmin(crit))], sx)}
+    for rule, simplex, top in (("simplex", True, None), ("nonneg", False, None), ("top 5", True, 5),
+                               ("top 10", True, 10)):
+        idx = np.arange(len(b)) if top is None else np.argsort(crit)[:top]
+        w = sure_weights(A[np.ix_(idx, idx)], b[idx], simplex)
+        out[rule] = accuracy.fisher(torch.einsum("k,kmd->md", torch.from_numpy(w), G[idx]), sx)
+        out[rule + " weights"] = int((w > 1e-3).sum())
+    return out
+
+
+def summarise(rows) -> tuple[str, dict]:
+    """Per case: each rule's mean error over the draws / the mean of the per-draw oracles; then the geo-mean
+    over cases, the cases over 1.3x, and the draws over 1.3x their own oracle."""
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["distribution"], r["M"], r["sigma"]), []).append(r)
+    lines = [f"{'distribution':16} {'M':>5} {'sigma':>5} {'draws':>5} | " + " ".join(f"{t:>8}" for t in RULES)]
+    logs = {t: [] for t in RULES}
+    over = dict.fromkeys(RULES, 0)
+    draws_over = dict.fromkeys(RULES, 0)
+    for (dname, M, sigma), rs in sorted(cases.items()):
+        oracle = statistics.mean(r["oracle_in"] for r in rs)
+        ratios = {t: statistics.mean(r[t] for r in rs) / oracle for t in RULES}
+        for t in RULES:
+            logs[t].append(math.log(ratios[t]))
+            over[t] += ratios[t] > 1.3
+            draws_over[t] += sum(r[t] > 1.3 * r["oracle_in"] for r in rs)
+        lines.append(f"{dname:16} {M:5d} {sigma:5.2f} {len(rs):5d} | " + " ".join(f"{ratios[t]:8.3f}" for t in RULES))
+    summary = {t: dict(geo_mean=math.exp(statistics.mean(logs[t])), cases_over_1_3=over[t],
+                       draws_over_1_3=draws_over[t]) for t in RULES}
+    lines.append(f"{'geo-mean over cases':34} | " + " ".join(f"{summary[t]['geo_mean']:8.3f}" for t in RULES))
+    lines.append(f"{'cases over 1.3x':34} | " + " ".join(f"{over[t]:8d}" for t in RULES))
+    lines.append(f"{f'draws over 1.3x (of {len(rows)})':34} | " + " ".join(f"{draws_over[t]:8d}" for t in RULES))
+    return "\n".join(lines), summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--distributions", nargs="+", default=accuracy.DISTRIBUTIONS, choices=sorted(REGISTRY))
+    p.add_argument("--samples", type=int, nargs="+", default=[128], help="M per draw")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.5], help="noise levels of q_sigma")
+    p.add_argument("--draws", type=int, default=10, help="draws per case (seeds seed + r, as accuracy.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="two distributions, two draws, M = 64 (a smoke run)")
+    p.add_argument("--out", help="JSON file for the rows and the summary")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.distributions, a.samples, a.sigmas, a.draws = ["two_mode", "moons"], [64], [0.5], 2
+    if a.draws < 1 or min(a.samples) < 3:
+        raise ValueError("--draws must be >= 1 and --samples >= 3")
+    wide = sorted(set(autotune.BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # accuracy.py's oracle grid
+    rows, t0 = [], time.time()
+    for dname, M, sigma, rep in itertools.product(a.distributions, a.samples, a.sigmas, range(a.draws)):
+        _, x, q, sx, sq = accuracy.draw(dname, M, sigma, a.seed + rep, 16)
+        x = x.double()
+        torch.manual_seed(a.seed + rep)  # as accuracy.py: auto's random state per draw
+        auto_in, _, auto_params = accuracy.evaluate("stein", {"bandwidth": "auto"}, x, q, sx, sq, return_choice=True)
+        grid = accuracy.oracle("stein", x, q, sx, sq, mults=wide, knob_edge=True)
+        row = dict(distribution=dname, M=M, sigma=sigma, replicate=rep, auto=auto_in, auto_params=auto_params,
+                   oracle_in=grid["best"][0][0], oracle_params=grid["best"][0][2], **aggregate_errors(x, sx))
+        rows.append(row)
+        print(f"{dname:16} {M:5d} {sigma:5.2f} {rep:3d} oracle {row['oracle_in']:.4f} | "
+              + " ".join(f"{t} {row[t] / row['oracle_in']:.2f}" for t in RULES), flush=True)
+    table, summary = summarise(rows)
+    print(table)
+    if a.out:
+        write_json(Path(a.out), dict(settings=vars(a), rules=RULES, summary=summary, rows=rows,
+                                     machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                                     seconds=time.time() - t0))
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
