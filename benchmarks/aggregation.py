@@ -16,6 +16,10 @@ minimising SURE(w) is a quadratic programme; its risk is that w fits the criteri
 - ``nonneg``: w >= 0 only (the combination may shrink or stretch);
 - ``top k``: the simplex over the k candidates with the least criterion;
 - ``argmin``: the single candidate with the least criterion (no anchor; auto adds the anchor rule).
+- ``auto scaled``: auto's own choice times the scale c that minimises its SURE, ``c = -mean_i tr_i / mean_i
+  |G_i|^2`` (one candidate's aggregate: one degree of freedom instead of 31);
+- ``oracle scaled`` (a reference, not a rule): the best candidate of the oracle's grid when each is scaled by the
+  best factor against the exact score.
 
 Each is scored by its in-sample relative Fisher error against the exact score, over the mean of the per-draw
 oracles of ``benchmarks/accuracy.py`` (its grid: the multiples auto's edge extension reaches x the eta grid with
@@ -50,7 +54,7 @@ from steinops.estimators import autotune  # noqa: E402
 from steinops.estimators.stein_loo import sge_fit_and_traces  # noqa: E402
 from kernels import write_json  # noqa: E402  (benchmarks/ is on sys.path)
 
-RULES = ("auto", "argmin", "simplex", "nonneg", "top 5", "top 10")
+RULES = ("auto", "auto scaled", "argmin", "simplex", "nonneg", "top 5", "top 10", "oracle scaled")
 
 
 def sure_weights(A: np.ndarray, b: np.ndarray, simplex: bool) -> np.ndarray:
@@ -89,13 +93,46 @@ def aggregate_errors(x: torch.Tensor, sx: torch.Tensor) -> dict:
     return out
 
 
+def scaled(x: torch.Tensor, sx: torch.Tensor, h: float, eta: float) -> tuple[float, float, float, float]:
+    """One candidate's estimate times the scale c that minimises its SURE, ``c = -mean tr / mean |G|^2``
+    (the aggregate of one candidate): (error of c G, c, error of G at the exact score's best scale, error of G)."""
+    G, tr = sge_fit_and_traces(x, torch.tensor(h, dtype=torch.float64), torch.tensor(eta, dtype=torch.float64))
+    c = -float(tr.mean()) / float((G * G).sum(-1).mean())
+    best = float((G * sx).sum()) / float((G * G).sum())
+    return accuracy.fisher(c * G, sx), c, accuracy.fisher(best * G, sx), accuracy.fisher(G, sx)
+
+
+def measure_draw(dname: str, M: int, sigma: float, seed: int, queries: int) -> dict:
+    """Every rule's in-sample error on one draw (``accuracy.draw``), auto's and the oracle's, and auto's
+    out-of-sample error with and without its SURE scale."""
+    wide = sorted(set(autotune.BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # accuracy.py's oracle grid
+    proto = steinops.score_estimator("stein", bandwidth="auto")
+    _, x, q, sx, sq = accuracy.draw(dname, M, sigma, seed, queries)
+    x = x.double()
+    torch.manual_seed(seed)  # as accuracy.py: auto's random state per draw
+    auto_in, auto_out, auto_params = accuracy.evaluate("stein", {"bandwidth": "auto"}, x, q, sx, sq, return_choice=True)
+    grid = accuracy.oracle("stein", x, q, sx, sq, mults=wide, knob_edge=True)
+    med = float(median_distance(x))
+    h, eta = auto_params["bandwidth_mult"] * med, auto_params["eta"]
+    auto_scaled, auto_c, _, unscaled = scaled(x, sx, h, eta)
+    if not math.isclose(unscaled, auto_in, rel_tol=1e-8):
+        raise RuntimeError(f"auto's choice refitted gives {unscaled}, auto's fit {auto_in}")
+    fit = steinops.score_estimator("stein", bandwidth=h, eta=eta).fit(x)
+    etas = proto.knob_grid(M) + proto.knob_edge_values(M)
+    return dict(distribution=dname, M=M, sigma=sigma, auto=auto_in, auto_params=auto_params,
+                oracle_in=grid["best"][0][0], oracle_params=grid["best"][0][2], **aggregate_errors(x, sx),
+                **{"auto scaled": auto_scaled, "auto scale": auto_c,
+                   "oracle scaled": min(scaled(x, sx, m * med, e)[2] for m, e in itertools.product(wide, etas))},
+                auto_out=auto_out, auto_scaled_out=accuracy.fisher(auto_c * fit.predict(q), sq))  # in-sample c
+
+
 def summarise(rows) -> tuple[str, dict]:
     """Per case: each rule's mean error over the draws / the mean of the per-draw oracles; then the geo-mean
     over cases, the cases over 1.3x, and the draws over 1.3x their own oracle."""
     cases = {}
     for r in rows:
         cases.setdefault((r["distribution"], r["M"], r["sigma"]), []).append(r)
-    lines = [f"{'distribution':16} {'M':>5} {'sigma':>5} {'draws':>5} | " + " ".join(f"{t:>8}" for t in RULES)]
+    lines = [f"{'distribution':16} {'M':>5} {'sigma':>5} {'draws':>5} | " + " ".join(f"{t:>13}" for t in RULES)]
     logs = {t: [] for t in RULES}
     over = dict.fromkeys(RULES, 0)
     draws_over = dict.fromkeys(RULES, 0)
@@ -106,12 +143,15 @@ def summarise(rows) -> tuple[str, dict]:
             logs[t].append(math.log(ratios[t]))
             over[t] += ratios[t] > 1.3
             draws_over[t] += sum(r[t] > 1.3 * r["oracle_in"] for r in rs)
-        lines.append(f"{dname:16} {M:5d} {sigma:5.2f} {len(rs):5d} | " + " ".join(f"{ratios[t]:8.3f}" for t in RULES))
+        lines.append(f"{dname:16} {M:5d} {sigma:5.2f} {len(rs):5d} | " + " ".join(f"{ratios[t]:13.3f}" for t in RULES))
     summary = {t: dict(geo_mean=math.exp(statistics.mean(logs[t])), cases_over_1_3=over[t],
                        draws_over_1_3=draws_over[t]) for t in RULES}
-    lines.append(f"{'geo-mean over cases':34} | " + " ".join(f"{summary[t]['geo_mean']:8.3f}" for t in RULES))
-    lines.append(f"{'cases over 1.3x':34} | " + " ".join(f"{over[t]:8d}" for t in RULES))
-    lines.append(f"{f'draws over 1.3x (of {len(rows)})':34} | " + " ".join(f"{draws_over[t]:8d}" for t in RULES))
+    lines.append(f"{'geo-mean over cases':34} | " + " ".join(f"{summary[t]['geo_mean']:13.3f}" for t in RULES))
+    lines.append(f"{'cases over 1.3x':34} | " + " ".join(f"{over[t]:13d}" for t in RULES))
+    lines.append(f"{f'draws over 1.3x (of {len(rows)})':34} | " + " ".join(f"{draws_over[t]:13d}" for t in RULES))
+    out_ratio = math.exp(statistics.mean(math.log(r["auto_scaled_out"] / r["auto_out"]) for r in rows))
+    summary["auto scaled out of sample"] = dict(geo_mean_over_auto=out_ratio)
+    lines.append(f"out of sample, auto scaled / auto (geo-mean over draws): {out_ratio:.3f}")
     return "\n".join(lines), summary
 
 
@@ -122,6 +162,7 @@ def main(argv=None):
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.5], help="noise levels of q_sigma")
     p.add_argument("--draws", type=int, default=10, help="draws per case (seeds seed + r, as accuracy.py)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries", type=int, default=256, help="fresh points for the out-of-sample errors")
     p.add_argument("--quick", action="store_true", help="two distributions, two draws, M = 64 (a smoke run)")
     p.add_argument("--out", help="JSON file for the rows and the summary")
     a = p.parse_args(argv)
@@ -129,16 +170,10 @@ def main(argv=None):
         a.distributions, a.samples, a.sigmas, a.draws = ["two_mode", "moons"], [64], [0.5], 2
     if a.draws < 1 or min(a.samples) < 3:
         raise ValueError("--draws must be >= 1 and --samples >= 3")
-    wide = sorted(set(autotune.BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # accuracy.py's oracle grid
     rows, t0 = [], time.time()
     for dname, M, sigma, rep in itertools.product(a.distributions, a.samples, a.sigmas, range(a.draws)):
-        _, x, q, sx, sq = accuracy.draw(dname, M, sigma, a.seed + rep, 16)
-        x = x.double()
-        torch.manual_seed(a.seed + rep)  # as accuracy.py: auto's random state per draw
-        auto_in, _, auto_params = accuracy.evaluate("stein", {"bandwidth": "auto"}, x, q, sx, sq, return_choice=True)
-        grid = accuracy.oracle("stein", x, q, sx, sq, mults=wide, knob_edge=True)
-        row = dict(distribution=dname, M=M, sigma=sigma, replicate=rep, auto=auto_in, auto_params=auto_params,
-                   oracle_in=grid["best"][0][0], oracle_params=grid["best"][0][2], **aggregate_errors(x, sx))
+        row = measure_draw(dname, M, sigma, a.seed + rep, a.queries)
+        row["replicate"] = rep
         rows.append(row)
         print(f"{dname:16} {M:5d} {sigma:5.2f} {rep:3d} oracle {row['oracle_in']:.4f} | "
               + " ".join(f"{t} {row[t] / row['oracle_in']:.2f}" for t in RULES), flush=True)

@@ -617,7 +617,9 @@ def test_aggregation_argmin_is_tunes_plain_argmin(monkeypatch):
 
 def test_aggregation_quick(tmp_path):
     data = _run(["benchmarks/aggregation.py", "--quick"], tmp_path)
-    assert len(data["rows"]) == 4 and set(data["summary"]) == set(data["rules"])
+    assert len(data["rows"]) == 4 and set(data["summary"]) == set(data["rules"]) | {"auto scaled out of sample"}
     for r in data["rows"]:
         assert all(math.isfinite(r[t]) and r[t] > 0 for t in data["rules"])
         assert r["argmin"] >= r["oracle_in"] * (1 - 1e-12) and r["auto"] >= r["oracle_in"] * (1 - 1e-12)
+        assert r["oracle scaled"] <= r["oracle_in"] * (1 + 1e-12) and r["auto scale"] > 0  # scale 1 is on its grid
+        assert math.isfinite(r["auto_scaled_out"]) and r["auto_out"] > 0
