@@ -18,6 +18,10 @@ minimising SURE(w) is a quadratic programme; its risk is that w fits the criteri
 - ``argmin``: the single candidate with the least criterion (no anchor; auto adds the anchor rule).
 - ``auto scaled``: auto's own choice times the scale c that minimises its SURE, ``c = -mean_i tr_i / mean_i
   |G_i|^2`` (one candidate's aggregate: one degree of freedom instead of 31);
+- ``plain anchor``: auto's anchor rule (1 paired SE against the default) on this grid alone, without auto's edge and
+  knob extensions: the baseline of the next rule;
+- ``scaled anchor``: every candidate at its own SURE scale c_k, chosen by the same anchor rule on the scaled
+  per-point terms ``1/2 c_k^2 |G_ki|^2 + c_k tr_ki``;
 - ``oracle scaled`` (a reference, not a rule): the best candidate of the oracle's grid when each is scaled by the
   best factor against the exact score.
 
@@ -54,7 +58,8 @@ from steinops.estimators import autotune  # noqa: E402
 from steinops.estimators.stein_loo import sge_fit_and_traces  # noqa: E402
 from kernels import write_json  # noqa: E402  (benchmarks/ is on sys.path)
 
-RULES = ("auto", "auto scaled", "argmin", "simplex", "nonneg", "top 5", "top 10", "oracle scaled")
+RULES = ("auto", "auto scaled", "plain anchor", "scaled anchor", "argmin", "simplex", "nonneg", "top 5", "top 10",
+         "oracle scaled")
 
 
 def sure_weights(A: np.ndarray, b: np.ndarray, simplex: bool) -> np.ndarray:
@@ -84,6 +89,13 @@ def aggregate_errors(x: torch.Tensor, sx: torch.Tensor) -> dict:
     b = torch.stack(tr).mean(-1).numpy()
     crit = 0.5 * np.diag(A) + b
     out = {"argmin": accuracy.fisher(G[int(np.argmin(crit))], sx)}
+    # each candidate at its own SURE scale c_k; per-point terms 1/2 c_k^2 |G_ki|^2 + c_k tr_ki, auto's anchor rule
+    c = torch.from_numpy(-b / np.diag(A))
+    g2, tr = (G * G).sum(-1), torch.stack(tr)  # (K, M)
+    terms, scaled_terms = 0.5 * g2 + tr, 0.5 * c[:, None] ** 2 * g2 + c[:, None] * tr
+    out["plain anchor"] = accuracy.fisher(G[int(autotune.anchor_choice(terms, autotune.SE_RULE))], sx)
+    k = int(autotune.anchor_choice(scaled_terms, autotune.SE_RULE))
+    out["scaled anchor"] = accuracy.fisher(c[k] * G[k], sx)
     for rule, simplex, top in (("simplex", True, None), ("nonneg", False, None), ("top 5", True, 5),
                                ("top 10", True, 10)):
         idx = np.arange(len(b)) if top is None else np.argsort(crit)[:top]

@@ -595,9 +595,9 @@ def test_aggregation_weights(monkeypatch):
                                atol=1e-6)
 
 
-def test_aggregation_argmin_is_tunes_plain_argmin(monkeypatch):
-    """aggregation.py's candidates and closed-form terms are the library's: its argmin rule picks the error of the
-    candidate ``autotune.tune`` picks with the plain argmin (se_rule 0, no extensions)."""
+def test_aggregation_rules_are_tunes_choices(monkeypatch):
+    """aggregation.py's candidates and closed-form terms are the library's: its argmin and plain-anchor rules pick
+    the errors of the candidates ``autotune.tune`` picks without its extensions, with se_rule 0 and by default."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import aggregation
     import steinops
@@ -609,9 +609,11 @@ def test_aggregation_argmin_is_tunes_plain_argmin(monkeypatch):
         sx = dist.score(x, 0.3)
         row = aggregation.aggregate_errors(x, sx)
         est = steinops.score_estimator("stein", bandwidth="auto")
-        chosen = tune(est, x, se_rule=0, extend_edge=False, extend_knob=False)
-        fit = steinops.score_estimator("stein", bandwidth=float(chosen["bandwidth"]), eta=float(chosen["eta"])).fit(x)
-        assert row["argmin"] == pytest.approx(float(((fit.scores_ - sx) ** 2).sum() / (sx ** 2).sum()), rel=1e-9)
+        for rule, se_rule in (("argmin", 0), ("plain anchor", None)):
+            chosen = tune(est, x, se_rule=se_rule, extend_edge=False, extend_knob=False)
+            fit = steinops.score_estimator("stein", bandwidth=float(chosen["bandwidth"]), eta=float(chosen["eta"]))
+            G = fit.fit(x).scores_
+            assert row[rule] == pytest.approx(float(((G - sx) ** 2).sum() / (sx ** 2).sum()), rel=1e-9)
         assert 1 <= row["simplex weights"] <= 31 and row["top 5 weights"] <= 5
 
 
