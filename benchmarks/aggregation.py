@@ -15,7 +15,7 @@ minimising SURE(w) is a quadratic programme; its risk is that w fits the criteri
 - ``simplex``: w >= 0, sum w = 1, over all candidates;
 - ``nonneg``: w >= 0 only (the combination may shrink or stretch);
 - ``top k``: the simplex over the k candidates with the least criterion;
-- ``argmin``: the single candidate with the least criterion (no anchor; auto adds the anchor rule).
+- ``argmin``: the single candidate with the least criterion (no anchor; auto adds the anchor rule);
 - ``auto scaled``: auto's own choice times the scale c that minimises its SURE, ``c = -mean_i tr_i / mean_i
   |G_i|^2`` (one candidate's aggregate: one degree of freedom instead of 31);
 - ``plain anchor``: auto's anchor rule (1 paired SE against the default) on this grid alone, without auto's edge and
@@ -30,6 +30,7 @@ oracles of ``benchmarks/accuracy.py`` (its grid: the multiples auto's edge exten
 the knob extension's values), next to auto's own error (the library's ``bandwidth="auto"``) on the same draws.
 
     python benchmarks/aggregation.py --samples 128 --draws 10 --out benchmarks/results/aggregation-stein-m128.json
+    python benchmarks/aggregation.py --samples 1024 --draws 3 --out benchmarks/results/aggregation-stein-m1024.json
     python benchmarks/aggregation.py --quick
 
 Prints a table per case and writes JSON (``--out``).
