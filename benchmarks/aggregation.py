@@ -26,8 +26,8 @@ minimising SURE(w) is a quadratic programme; its risk is that w fits the criteri
   best factor against the exact score.
 
 Each is scored by its in-sample relative Fisher error against the exact score, over the mean of the per-draw
-oracles of ``benchmarks/accuracy.py`` (its grid: the multiples auto's edge extension reaches x the eta grid with
-the knob extension's values), next to auto's own error (the library's ``bandwidth="auto"``) on the same draws.
+oracles on ``benchmarks/accuracy.py``'s oracle grid (the multiples auto's edge extension reaches x the eta grid
+with the knob extension's values; fitted here by the closed form), next to auto's own error (the library's ``bandwidth="auto"``) on the same draws.
 
     python benchmarks/aggregation.py --samples 128 --draws 10 --out benchmarks/results/aggregation-stein-m128.json
     python benchmarks/aggregation.py --samples 1024 --draws 3 --out benchmarks/results/aggregation-stein-m1024.json
@@ -59,6 +59,7 @@ from steinops.estimators import autotune  # noqa: E402
 from steinops.estimators.stein_loo import sge_fit_and_traces  # noqa: E402
 from kernels import write_json  # noqa: E402  (benchmarks/ is on sys.path)
 
+PROTO = steinops.score_estimator("stein", bandwidth="auto")  # the grids' source: fresh_grid, knob_grid
 RULES = ("auto", "auto scaled", "plain anchor", "scaled anchor", "argmin", "simplex", "nonneg", "top 5", "top 10",
          "oracle scaled")
 
@@ -78,24 +79,30 @@ def sure_weights(A: np.ndarray, b: np.ndarray, simplex: bool) -> np.ndarray:
     return w
 
 
-def aggregate_errors(x: torch.Tensor, sx: torch.Tensor) -> dict:
-    """In-sample errors of every rule but auto on one draw x (M, d) with exact scores sx (M, d), and the weights
-    each rule kept (count of w_k > 1e-3)."""
-    proto = steinops.score_estimator("stein", bandwidth="auto")
-    M, med = x.shape[-2], median_distance(x.double())
-    G, tr = zip(*(sge_fit_and_traces(x, med * mult, torch.tensor(eta, dtype=torch.float64))
-                  for mult, eta in autotune.fresh_grid(proto, M)))
-    G = torch.stack(G)  # (K, M, d)
+def _f64(v) -> torch.Tensor:
+    return torch.tensor(float(v), dtype=torch.float64)
+
+
+def sure_scale(G: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """The scale c (...) that minimises the SURE of c G: ``c = -mean_i tr_i / mean_i |G_i|^2``; G (..., M, d), tr (..., M)."""
+    return -tr.mean(-1) / (G * G).sum(-1).mean(-1)
+
+
+def aggregate_errors(x: torch.Tensor, sx: torch.Tensor, med: float) -> dict:
+    """In-sample errors of the rules on auto's fresh grid (all but auto and the oracles) on one draw x (M, d) with
+    exact scores sx (M, d) and median distance med, and the weights each average kept (count of w_k > 1e-3)."""
+    M = x.shape[-2]
+    G, tr = map(torch.stack, zip(*(sge_fit_and_traces(x, _f64(med * mult), _f64(eta))
+                                   for mult, eta in autotune.fresh_grid(PROTO, M))))  # (K, M, d), (K, M)
+    g2 = (G * G).sum(-1)  # (K, M)
     A = (torch.einsum("kmd,lmd->kl", G, G) / M).numpy()
-    b = torch.stack(tr).mean(-1).numpy()
-    crit = 0.5 * np.diag(A) + b
+    b = tr.mean(-1).numpy()
+    crit = (0.5 * g2 + tr).mean(-1).numpy()
     out = {"argmin": accuracy.fisher(G[int(np.argmin(crit))], sx)}
     # each candidate at its own SURE scale c_k; per-point terms 1/2 c_k^2 |G_ki|^2 + c_k tr_ki, auto's anchor rule
-    c = torch.from_numpy(-b / np.diag(A))
-    g2, tr = (G * G).sum(-1), torch.stack(tr)  # (K, M)
-    terms, scaled_terms = 0.5 * g2 + tr, 0.5 * c[:, None] ** 2 * g2 + c[:, None] * tr
-    out["plain anchor"] = accuracy.fisher(G[int(autotune.anchor_choice(terms, autotune.SE_RULE))], sx)
-    k = int(autotune.anchor_choice(scaled_terms, autotune.SE_RULE))
+    c = sure_scale(G, tr)[:, None]
+    out["plain anchor"] = accuracy.fisher(G[int(autotune.anchor_choice(0.5 * g2 + tr, autotune.SE_RULE))], sx)
+    k = int(autotune.anchor_choice(0.5 * c ** 2 * g2 + c * tr, autotune.SE_RULE))
     out["scaled anchor"] = accuracy.fisher(c[k] * G[k], sx)
     for rule, simplex, top in (("simplex", True, None), ("nonneg", False, None), ("top 5", True, 5),
                                ("top 10", True, 10)):
@@ -106,37 +113,37 @@ def aggregate_errors(x: torch.Tensor, sx: torch.Tensor) -> dict:
     return out
 
 
-def scaled(x: torch.Tensor, sx: torch.Tensor, h: float, eta: float) -> tuple[float, float, float, float]:
-    """One candidate's estimate times the scale c that minimises its SURE, ``c = -mean tr / mean |G|^2``
-    (the aggregate of one candidate): (error of c G, c, error of G at the exact score's best scale, error of G)."""
-    G, tr = sge_fit_and_traces(x, torch.tensor(h, dtype=torch.float64), torch.tensor(eta, dtype=torch.float64))
-    c = -float(tr.mean()) / float((G * G).sum(-1).mean())
-    best = float((G * sx).sum()) / float((G * G).sum())
-    return accuracy.fisher(c * G, sx), c, accuracy.fisher(best * G, sx), accuracy.fisher(G, sx)
+def oracle_grid(x: torch.Tensor, sx: torch.Tensor, med: float) -> dict:
+    """Over ``accuracy.py``'s oracle grid (the multiples auto's edge extension reaches x the eta grid and the knob
+    extension's values), from the closed-form fits: the least in-sample error and its candidate, and the least
+    error with every candidate at its best scale against the exact score."""
+    M = x.shape[-2]
+    wide = sorted(set(autotune.BANDWIDTH_MULTS) | set(autotune.edge_mults()))
+    best, best_scaled = (math.inf, None), math.inf
+    for mult, eta in itertools.product(wide, PROTO.knob_grid(M) + PROTO.knob_edge_values(M)):
+        G, _ = sge_fit_and_traces(x, _f64(med * mult), _f64(eta))
+        best = min(best, (accuracy.fisher(G, sx), {"bandwidth_mult": mult, "eta": eta}), key=lambda t: t[0])
+        best_scaled = min(best_scaled, accuracy.fisher(float((G * sx).sum() / (G * G).sum()) * G, sx))
+    return dict(oracle_in=best[0], oracle_params=best[1], **{"oracle scaled": best_scaled})
 
 
 def measure_draw(dname: str, M: int, sigma: float, seed: int, queries: int) -> dict:
     """Every rule's in-sample error on one draw (``accuracy.draw``), auto's and the oracle's, and auto's
     out-of-sample error with and without its SURE scale."""
-    wide = sorted(set(autotune.BANDWIDTH_MULTS) | set(autotune.edge_mults()))  # accuracy.py's oracle grid
-    proto = steinops.score_estimator("stein", bandwidth="auto")
     _, x, q, sx, sq = accuracy.draw(dname, M, sigma, seed, queries)
     x = x.double()
     torch.manual_seed(seed)  # as accuracy.py: auto's random state per draw
     auto_in, auto_out, auto_params = accuracy.evaluate("stein", {"bandwidth": "auto"}, x, q, sx, sq, return_choice=True)
-    grid = accuracy.oracle("stein", x, q, sx, sq, mults=wide, knob_edge=True)
     med = float(median_distance(x))
     h, eta = auto_params["bandwidth_mult"] * med, auto_params["eta"]
-    auto_scaled, auto_c, _, unscaled = scaled(x, sx, h, eta)
-    if not math.isclose(unscaled, auto_in, rel_tol=1e-8):
-        raise RuntimeError(f"auto's choice refitted gives {unscaled}, auto's fit {auto_in}")
+    G, tr = sge_fit_and_traces(x, _f64(h), _f64(eta))
+    if not math.isclose(accuracy.fisher(G, sx), auto_in, rel_tol=1e-8):
+        raise RuntimeError(f"auto's choice refitted gives {accuracy.fisher(G, sx)}, auto's fit {auto_in}")
+    c = float(sure_scale(G, tr))
     fit = steinops.score_estimator("stein", bandwidth=h, eta=eta).fit(x)
-    etas = proto.knob_grid(M) + proto.knob_edge_values(M)
-    return dict(distribution=dname, M=M, sigma=sigma, auto=auto_in, auto_params=auto_params,
-                oracle_in=grid["best"][0][0], oracle_params=grid["best"][0][2], **aggregate_errors(x, sx),
-                **{"auto scaled": auto_scaled, "auto scale": auto_c,
-                   "oracle scaled": min(scaled(x, sx, m * med, e)[2] for m, e in itertools.product(wide, etas))},
-                auto_out=auto_out, auto_scaled_out=accuracy.fisher(auto_c * fit.predict(q), sq))  # in-sample c
+    return dict(distribution=dname, M=M, sigma=sigma, auto=auto_in, auto_params=auto_params, **oracle_grid(x, sx, med),
+                **aggregate_errors(x, sx, med), **{"auto scaled": accuracy.fisher(c * G, sx), "auto scale": c},
+                auto_out=auto_out, auto_scaled_out=accuracy.fisher(c * fit.predict(q), sq))  # the in-sample c
 
 
 def summarise(rows) -> tuple[str, dict]:

@@ -602,12 +602,13 @@ def test_aggregation_rules_are_tunes_choices(monkeypatch):
     import aggregation
     import steinops
     from steinops.distributions import get_distribution
+    from steinops.bandwidth import median_distance
     from steinops.estimators.autotune import tune
     dist = get_distribution("moons")
     for seed in range(3):
         x = dist.sample(57, 0.3, generator=torch.Generator().manual_seed(seed)).double()
         sx = dist.score(x, 0.3)
-        row = aggregation.aggregate_errors(x, sx)
+        row = aggregation.aggregate_errors(x, sx, float(median_distance(x)))
         est = steinops.score_estimator("stein", bandwidth="auto")
         for rule, se_rule in (("argmin", 0), ("plain anchor", None)):
             chosen = tune(est, x, se_rule=se_rule, extend_edge=False, extend_knob=False)
